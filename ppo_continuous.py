@@ -163,6 +163,34 @@ class Agent(nn.Module):
         return torch.clamp(self.actor_mean(x), self.action_low, self.action_high)
 
 
+def numpy_policy(agent):
+    """The agent as a numpy function `(obs, noise) -> (action, log_prob, value)` for the per-step rollout.
+
+    Same weights (views, no copy) and same math as `get_action_and_value`; on a CPU a numpy forward of a small
+    MLP costs a fraction of a torch call, which otherwise costs more than the env step itself. Float rounding
+    differs from torch's in the last bits (README, Speed).
+    """
+    def linear_layers(net):
+        return [(layer.weight.detach().cpu().numpy().T, layer.bias.detach().cpu().numpy())
+                for layer in net if isinstance(layer, nn.Linear)]
+
+    def forward(layers, x):
+        for weight, bias in layers[:-1]:
+            x = np.tanh(x @ weight + bias)
+        weight, bias = layers[-1]
+        return x @ weight + bias
+
+    actor, critic = linear_layers(agent.actor_mean), linear_layers(agent.critic)
+    log_std = agent.actor_logstd.detach().cpu().numpy()
+
+    def act(obs, noise):
+        action = forward(actor, obs) + np.exp(log_std) * noise
+        log_prob = (-0.5 * noise ** 2 - log_std - LOG_SQRT_2PI).sum(-1)  # = gaussian_log_prob(action, ...)
+        return action, log_prob, forward(critic, obs)[:, 0]
+
+    return act
+
+
 def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
     torch.nn.init.orthogonal_(layer.weight, std)
     torch.nn.init.constant_(layer.bias, bias_const)
@@ -562,13 +590,14 @@ def train(args, env_kwargs):
     agent = Agent(obs_size, action_size, args.hidden_sizes, action_space.low, action_space.high).to(device)
     actor_params = list(agent.actor_mean.parameters()) + [agent.actor_logstd]
     critic_params = list(agent.critic.parameters())
+    # fused: one Adam kernel per step instead of a Python loop over parameters (rounding differs in the last bits).
     if args.shared_optimizer:
         optimizers = [torch.optim.Adam([{"params": actor_params, "lr": args.actor_lr},
-                                        {"params": critic_params, "lr": args.critic_lr}], eps=1e-5)]
+                                        {"params": critic_params, "lr": args.critic_lr}], eps=1e-5, fused=True)]
         clip_groups = [actor_params + critic_params]
     else:
-        optimizers = [torch.optim.Adam(actor_params, lr=args.actor_lr, eps=1e-5),
-                      torch.optim.Adam(critic_params, lr=args.critic_lr, eps=1e-5)]
+        optimizers = [torch.optim.Adam(actor_params, lr=args.actor_lr, eps=1e-5, fused=True),
+                      torch.optim.Adam(critic_params, lr=args.critic_lr, eps=1e-5, fused=True)]
         clip_groups = [actor_params, critic_params]
     base_lrs = [[group["lr"] for group in optimizer.param_groups] for optimizer in optimizers]
     obs_rms = RunningMeanStd(shape=(obs_size,)) if args.norm_obs else None
@@ -615,22 +644,23 @@ def train(args, env_kwargs):
     best_lta, latest_lta, measurements_since_best = math.nan, math.nan, 0
     warned_no_episode, stopped_early = False, False
     progress = Progress(num_iterations * batch_size, counters["global_step"])
-    stats = {}
+    stats, timing = {}, {"rollout_seconds": 0.0, "update_seconds": 0.0}
 
     for iteration in range(counters["rollouts"] + 1, num_iterations + 1):
+        rollout_start = time.perf_counter()
         factor = learning_rate_factor(args.lr_schedule, iteration, num_iterations, args.lr_decay_rate)
         for optimizer, lrs in zip(optimizers, base_lrs):
             for group, lr in zip(optimizer.param_groups, lrs):
                 group["lr"] = lr * factor
 
         # COLLECT ROLLOUT
+        policy = numpy_policy(agent)
         for step in range(args.num_steps):
             counters["global_step"] += args.num_envs
             obs_buf[step] = next_obs
-            with torch.inference_mode():
-                action, logprob, _, value = agent.get_action_and_value(torch.from_numpy(next_obs).to(device))
-            action = action.cpu().numpy()
-            actions_buf[step], logprobs_buf[step], values_buf[step] = action, logprob.cpu().numpy(), value.cpu().numpy()
+            # torch's generator draws the noise, so the random stream is the one `get_action_and_value` would use.
+            action, logprob, value = policy(next_obs, torch.randn(args.num_envs, action_size).numpy())
+            actions_buf[step], logprobs_buf[step], values_buf[step] = action, logprob, value
             raw_obs, reward, terminated, truncated, infos = envs.step(action)
             rewards_buf[step], terminated_buf[step], truncated_buf[step] = reward, terminated, truncated
             if obs_rms is not None:
@@ -672,6 +702,9 @@ def train(args, env_kwargs):
             print(f"warning: no episode has ended after {counters['global_step']} steps, so no LTA return can be "
                   f"measured (and no checkpoint saved): set --reset-steps to give episodes a time limit",
                   file=sys.stderr)
+
+        update_start = time.perf_counter()
+        timing["rollout_seconds"] += update_start - rollout_start
 
         # COMPUTE THE ADVANTAGES, BOOTSTRAPPING WHERE TRAJECTORIES DID NOT END WITH TERMINATION
         with torch.inference_mode():
@@ -731,6 +764,7 @@ def train(args, env_kwargs):
             if args.target_kl is not None and approx_kl > args.target_kl:
                 break
         counters["rollouts"] = iteration
+        timing["update_seconds"] += time.perf_counter() - update_start
 
         # LOG
         values_np, returns_np = values_buf.reshape(-1), returns.reshape(-1)
@@ -740,6 +774,8 @@ def train(args, env_kwargs):
             "charts/actor_learning_rate": args.actor_lr * factor,
             "charts/critic_learning_rate": args.critic_lr * factor,
             "charts/SPS": sps,
+            "perf/rollout_seconds": timing["rollout_seconds"],
+            "perf/update_seconds": timing["update_seconds"],
             "losses/value_loss": v_loss.item(),
             "losses/policy_loss": pg_loss.item(),
             "losses/entropy": entropy_loss.item(),
@@ -764,7 +800,7 @@ def train(args, env_kwargs):
     print(f"{reason}: step {counters['global_step']}/{num_iterations * batch_size}, best LTA return {best_lta:.6g}, "
           f"saved {run_dir / 'final.pt'}")
     summary = {"run_dir": run_dir, "agent": agent, "obs_rms": obs_rms, "best_LTA_return": best_lta,
-               "counters": counters, "stats": stats, "interrupted": stop["requested"]}
+               "counters": counters, "stats": stats, "timing": timing, "interrupted": stop["requested"]}
     if not stop["requested"] and args.eval_episodes > 0:
         if time_limit is None:
             print("no evaluation: the env has no time limit, so episodes never end (set --reset-steps)")

@@ -164,3 +164,19 @@ def test_observation_normalisation_matches_gymnasium_wrapper():
             (raw_env.step([a])[0], wrapped.step([a])[0]) for a in (-2.0, 0.5, 2.0)]:
         rms.update(raw[None])
         np.testing.assert_array_equal(normalize_observation(raw, rms.mean, rms.var, np.inf), normalised)
+
+
+def test_numpy_policy_matches_get_action_and_value():
+    from ppo_continuous import Agent, numpy_policy
+    torch.manual_seed(0)
+    agent = Agent(5, 3, (16, 8))
+    with torch.no_grad():
+        agent.actor_logstd.copy_(torch.tensor([[0.3, -0.5, 0.1]]))
+    obs, noise = torch.randn(4, 5), torch.randn(4, 3)
+    action, log_prob, value = numpy_policy(agent)(obs.numpy(), noise.numpy())
+    mean = agent.actor_mean(obs)
+    want_action = mean + agent.actor_logstd.exp() * noise
+    _, want_log_prob, _, want_value = agent.get_action_and_value(obs, want_action)
+    np.testing.assert_allclose(action, want_action.detach().numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(log_prob, want_log_prob.detach().numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(value, want_value.detach().numpy(), rtol=1e-5, atol=1e-6)

@@ -1,0 +1,154 @@
+"""How close training runs to the environment's own speed: env-only, rollout, update and end-to-end SPS.
+
+    python benchmarks/sps.py                       # the README's table: HalfCheetah-v4 and Pendulum-v1 presets
+    python benchmarks/sps.py --env-id Hopper-v4 --num-envs 8 --num-steps 256 --iterations 4
+    python benchmarks/sps.py --memory-steps 200000 # resident memory at 10% and 100% of a 200k-step run
+    python benchmarks/sps.py --baseline-script /tmp/old/ppo_continuous.py  # also time another version
+
+Everything is measured in one process, one configuration after the other, so the ratios are comparable on a
+noisy machine even when the absolute figures are not. Env-only SPS steps the same vector env with the same
+wrappers as training, with uniformly random actions.
+"""
+
+import argparse
+import contextlib
+import importlib.util
+import io
+import os
+import resource
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import ppo_continuous  # noqa: E402
+
+PRESETS = [  # (env id, num_envs, num_steps): CleanRL's defaults, then the vectorised configuration
+    ("HalfCheetah-v4", 1, 2048),
+    ("HalfCheetah-v4", 8, 256),
+    ("Pendulum-v1", 1, 2048),
+    ("Pendulum-v1", 8, 256),
+]
+
+
+def load_trainer(script):
+    spec = importlib.util.spec_from_file_location(f"trainer_{abs(hash(script))}", script)
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(Path(script).parent))
+    spec.loader.exec_module(module)
+    return module
+
+
+def trainer_args(trainer, env_id, num_envs, num_steps, iterations, workdir):
+    args = trainer.Args(env_id=env_id, num_envs=num_envs, num_steps=num_steps,
+                        total_timesteps=iterations * num_envs * num_steps, eval_episodes=0,
+                        checkpoint_dir=str(Path(workdir) / "checkpoints"))
+    return args, trainer.resolve_args(args)
+
+
+def env_only_sps(env_id, num_envs, num_steps, iterations, workdir):
+    args, env_kwargs = trainer_args(ppo_continuous, env_id, num_envs, num_steps, iterations, workdir)
+    envs, _ = ppo_continuous.make_envs(args, env_kwargs, num_envs)
+    low, high = envs.env.single_action_space.low, envs.env.single_action_space.high  # the space ClipAction wraps
+    rng = np.random.default_rng(0)
+    envs.reset(seed=0)
+    steps = iterations * num_envs * num_steps
+    start = time.perf_counter()
+    for _ in range(steps // num_envs):
+        envs.step(rng.uniform(low, high, size=(num_envs, len(low))).astype(np.float32))
+    elapsed = time.perf_counter() - start
+    envs.close()
+    return steps / elapsed
+
+
+def training_sps(trainer, env_id, num_envs, num_steps, iterations, workdir):
+    args, env_kwargs = trainer_args(trainer, env_id, num_envs, num_steps, iterations, workdir)
+    with contextlib.redirect_stdout(io.StringIO()):
+        start = time.perf_counter()
+        summary = trainer.train(args, env_kwargs)
+        total_seconds = time.perf_counter() - start
+    steps = iterations * num_envs * num_steps
+    timing = summary.get("timing", {})
+    return {
+        "end_to_end": summary["stats"]["charts/SPS"],
+        "rollout": steps / timing["rollout_seconds"] if timing else float("nan"),
+        "update_seconds": timing["update_seconds"] / iterations if timing else float("nan"),
+        "with_startup": steps / total_seconds,
+    }
+
+
+def rss_mb():
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def memory_check(env_id, steps, workdir):
+    """Resident memory sampled through a run: at 10% and at 100% of its wall time."""
+    samples, done = [], threading.Event()
+
+    def sample():
+        while not done.wait(0.2):
+            samples.append((time.perf_counter(), rss_mb()))
+
+    num_steps = 2048
+    args, env_kwargs = trainer_args(ppo_continuous, env_id, 1, num_steps, steps // num_steps, workdir)
+    sampler = threading.Thread(target=sample)
+    start = time.perf_counter()
+    sampler.start()
+    with contextlib.redirect_stdout(io.StringIO()):
+        ppo_continuous.train(args, env_kwargs)
+    done.set()
+    sampler.join()
+    duration = time.perf_counter() - start
+    at_10 = next(mb for t, mb in samples if t - start >= 0.1 * duration)
+    print(f"memory, {env_id}, {steps} steps: RSS at 10% {at_10:.0f} MiB, at 100% {samples[-1][1]:.0f} MiB, "
+          f"growth {samples[-1][1] - at_10:+.1f} MiB; peak {peak_rss_mb():.0f} MiB")
+
+
+def peak_rss_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--env-id")
+    parser.add_argument("--num-envs", type=int, default=1)
+    parser.add_argument("--num-steps", type=int, default=2048)
+    parser.add_argument("--iterations", type=int, default=3, help="rollouts per measurement")
+    parser.add_argument("--baseline-script", help="another ppo_continuous.py to time in the same run")
+    parser.add_argument("--memory-steps", type=int, help="only run the memory check, with this many steps")
+    options = parser.parse_args()
+    workdir = tempfile.mkdtemp(prefix="sps-")
+    os.chdir(workdir)  # runs/ of the timed runs go to a temporary folder
+    if options.memory_steps:
+        memory_check(options.env_id or "HalfCheetah-v4", options.memory_steps, workdir)
+        return
+    configs = [(options.env_id, options.num_envs, options.num_steps)] if options.env_id else PRESETS
+    baseline = load_trainer(options.baseline_script) if options.baseline_script else None
+    print(f"{os.cpu_count()} CPUs, torch threads 1, {options.iterations} rollouts per measurement; "
+          f"update: 10 epochs x 32 minibatches")
+    header = "| env | envs x steps | env-only SPS | rollout SPS | update s/rollout | train SPS | train / env-only |"
+    if baseline:
+        header += " baseline train SPS | speed-up |"
+    print(header)
+    print("|" + "---|" * (header.count("|") - 1))
+    for env_id, num_envs, num_steps in configs:
+        env_sps = env_only_sps(env_id, num_envs, num_steps, options.iterations, workdir)
+        ours = training_sps(ppo_continuous, env_id, num_envs, num_steps, options.iterations, workdir)
+        row = (f"| {env_id} | {num_envs} x {num_steps} | {env_sps:.0f} | {ours['rollout']:.0f} | "
+               f"{ours['update_seconds']:.3f} | {ours['end_to_end']:.0f} | {ours['end_to_end'] / env_sps:.0%} |")
+        if baseline:
+            theirs = training_sps(baseline, env_id, num_envs, num_steps, options.iterations, workdir)
+            row += f" {theirs['end_to_end']:.0f} | {ours['end_to_end'] / theirs['end_to_end']:.2f}x |"
+        print(row, flush=True)
+    print(f"peak RSS {peak_rss_mb():.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()
