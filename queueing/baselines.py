@@ -1,0 +1,196 @@
+"""Classical policies for the queueing networks and a long-term-average (LTA) evaluator.
+
+    python -m queueing.baselines --instance criss-cross --policy maxweight --steps 1000000
+
+A policy maps a batch of observations (N, obs_dim) to action weights (N, K), exactly like the
+agent, so every policy goes through the environment's own allocation rule and dynamics
+(`queueing.env.step_dynamics`), simulated for many independent copies of the network at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from queueing.env import Network, draw_connectivity, holding_cost, observation, step_dynamics
+
+Policy = Callable[[np.ndarray], np.ndarray]
+NORMAL_QUANTILE_975 = 1.959963984540054
+
+
+def _as_network(instance: str | dict | Network) -> Network:
+    return instance if isinstance(instance, Network) else Network.from_instance(instance)
+
+
+def _queues_and_connectivity(network: Network, observations: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    queues = observations[..., : network.num_buffers]
+    if network.connectivity is None:
+        return queues, np.ones(queues.shape, dtype=bool)
+    return queues, observations[..., network.num_buffers :] > 0.5
+
+
+def _best_per_server(network: Network, scores: np.ndarray, eligible: np.ndarray) -> np.ndarray:
+    """Weight 1 on each server's eligible buffers with the top score (ties share the server), else 0."""
+    masked = np.where(eligible, scores, -np.inf)
+    top_per_server = (masked[..., None, :] - network.outside_server_penalty).max(axis=-1)
+    top = top_per_server[..., network.server_of_buffer]
+    return (eligible & (masked == top)).astype(np.float32)
+
+
+def _priority_policy(network: Network, score: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> Policy:
+    def policy(observations: np.ndarray) -> np.ndarray:
+        queues, connected = _queues_and_connectivity(network, observations)
+        return _best_per_server(network, score(queues, connected), (queues > 0) & connected)
+
+    return policy
+
+
+def cmu_policy(instance, rng: np.random.Generator | None = None) -> Policy:
+    """Strict priority to the non-empty connected buffer with the largest c_k * mu_k."""
+    network = _as_network(instance)
+    index = network.holding_costs * network.service_rates
+    return _priority_policy(network, lambda queues, connected: np.broadcast_to(index, queues.shape))
+
+
+def maxweight_policy(instance, rng: np.random.Generator | None = None) -> Policy:
+    """Serve the connected buffer with the largest c_k * mu_k * q_k."""
+    network = _as_network(instance)
+    index = network.holding_costs * network.service_rates
+    return _priority_policy(network, lambda queues, connected: index * queues * connected)
+
+
+def longest_policy(instance, rng: np.random.Generator | None = None) -> Policy:
+    """Serve the longest connected queue (LCQ) of each server."""
+    network = _as_network(instance)
+    return _priority_policy(network, lambda queues, connected: queues * connected)
+
+
+def random_policy(instance, rng: np.random.Generator | None = None) -> Policy:
+    """Independent uniform weights in [0, 1] per buffer (still never serves an empty buffer)."""
+    generator = rng if rng is not None else np.random.default_rng()
+    num_buffers = _as_network(instance).num_buffers
+
+    def policy(observations: np.ndarray) -> np.ndarray:
+        return generator.random((*observations.shape[:-1], num_buffers)).astype(np.float32)
+
+    return policy
+
+
+# Factories: POLICIES[name](instance, rng) -> policy; only randomised policies use rng.
+POLICIES: dict[str, Callable[..., Policy]] = {
+    "cmu": cmu_policy,
+    "maxweight": maxweight_policy,
+    "longest": longest_policy,
+    "random": random_policy,
+}
+
+
+def student_t_quantile_975(degrees_of_freedom: int) -> float:
+    """0.975 quantile of Student's t (Abramowitz & Stegun 26.7.5; error < 1e-4 for df >= 5)."""
+    z = NORMAL_QUANTILE_975
+    nu = degrees_of_freedom
+    g1 = (z**3 + z) / 4
+    g2 = (5 * z**5 + 16 * z**3 + 3 * z) / 96
+    g3 = (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / 384
+    g4 = (79 * z**9 + 776 * z**7 + 1482 * z**5 - 1920 * z**3 - 945 * z) / 92160
+    return z + g1 / nu + g2 / nu**2 + g3 / nu**3 + g4 / nu**4
+
+
+def evaluate_policy(
+    instance: str | dict | Network,
+    policy: str | Policy,
+    steps: int,
+    seed: int = 0,
+    warmup: int = 2000,
+    num_copies: int = 8,
+    num_batches: int = 20,
+) -> tuple[float, float]:
+    """LTA return (mean reward per step) of a policy and the half-width of its 95% CI.
+
+    Simulates `num_copies` independent copies of the network from empty queues, drops the
+    first `warmup` slots of each, then runs at least `steps` transitions in total (rounded up
+    to whole batches). The reward averaged over the copies at each slot forms one time series,
+    cut into `num_batches` consecutive batches; the CI is the batch-means t-interval.
+    `policy` is a name from POLICIES or a callable mapping (N, obs_dim) observations to (N, K)
+    weights.
+    """
+    if num_batches < 10:
+        raise ValueError(f"num_batches must be at least 10, got {num_batches}")
+    if isinstance(policy, str) and policy not in POLICIES:
+        raise ValueError(f"unknown policy {policy!r}; available policies: {', '.join(sorted(POLICIES))}")
+    network = _as_network(instance)
+    dynamics_rng, policy_rng = np.random.default_rng(seed).spawn(2)
+    act = POLICIES[policy](network, policy_rng) if isinstance(policy, str) else policy
+
+    batch_length = max(1, math.ceil(steps / (num_copies * num_batches)))
+    queues = np.zeros((num_copies, network.num_buffers), dtype=np.int64)
+    connected = draw_connectivity(network, dynamics_rng, num_copies)
+    mean_rewards = np.empty(batch_length * num_batches)
+    for slot in range(-warmup, len(mean_rewards)):
+        weights = act(observation(network, queues, connected))
+        queues, connected, _ = step_dynamics(network, queues, connected, weights, dynamics_rng)
+        if slot >= 0:
+            mean_rewards[slot] = -holding_cost(network, queues).mean()
+
+    batch_means = mean_rewards.reshape(num_batches, batch_length).mean(axis=1)
+    half_width = student_t_quantile_975(num_batches - 1) * batch_means.std(ddof=1) / math.sqrt(num_batches)
+    return float(batch_means.mean()), float(half_width)
+
+
+class _OneLineErrorParser(argparse.ArgumentParser):
+    """Reports bad arguments as a single line on stderr, exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _integer_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer no smaller than minimum."""
+    def parse(text: str) -> int:
+        message = f"must be an integer >= {minimum}, got {text!r}"
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(message) from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(message)
+        return value
+
+    return parse
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = _OneLineErrorParser(
+        prog="python -m queueing.baselines",
+        description="Long-term-average return of a classical policy on a queueing network instance.",
+    )
+    parser.add_argument("--instance", default="single-server-2class", help="instance name or path to a JSON file")
+    parser.add_argument("--policy", choices=sorted(POLICIES), default="cmu")
+    parser.add_argument("--steps", type=_integer_at_least(1), default=1_000_000, help="total transitions measured")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--warmup", type=_integer_at_least(0), default=2000, help="slots dropped per copy")
+    parser.add_argument("--num-copies", type=_integer_at_least(1), default=8, help="copies simulated in parallel")
+    parser.add_argument("--batches", type=_integer_at_least(10), default=20, help="batches for the batch-means CI")
+    args = parser.parse_args(argv)
+    try:
+        network = Network.from_instance(args.instance)
+    except ValueError as error:
+        parser.error(str(error))
+
+    start = time.perf_counter()
+    lta, half_width = evaluate_policy(
+        network, args.policy, args.steps, args.seed, args.warmup, args.num_copies, args.batches
+    )
+    print(
+        f"instance {network.name}, policy {args.policy}: LTA return {lta:.4f} +- {half_width:.4f} "
+        f"(95% CI, {args.batches} batch means; {args.steps} steps in {args.num_copies} copies after "
+        f"{args.warmup} warm-up slots each; seed {args.seed}; {time.perf_counter() - start:.1f} s)"
+    )
+
+
+if __name__ == "__main__":
+    main()
