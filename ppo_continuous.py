@@ -576,6 +576,12 @@ def train(args, env_kwargs):
     instance = instance_key(args.env_id, env_kwargs, args.problem_instance)
     better = (lambda a, b: a < b) if args.lower_is_better else (lambda a, b: a > b)
 
+    saver = CheckpointSaver(args.checkpoint_dir, instance, top_k=args.top_k, lower_is_better=args.lower_is_better)
+    try:
+        saver.entries()
+    except ValueError as error:  # the instance's registry ranks the other way round
+        fail(f"{error} (--lower-is-better)")
+
     # Env subprocesses ignore Ctrl-C (they inherit this while being forked): the main process stops them.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     envs, reward_normalizer = make_envs(args, env_kwargs, args.num_envs)
@@ -584,7 +590,6 @@ def train(args, env_kwargs):
     writer = SummaryWriter(str(run_dir))
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(
         f"|{key}|{value}|" for key, value in asdict(args).items()))
-    saver = CheckpointSaver(args.checkpoint_dir, instance, top_k=args.top_k, lower_is_better=args.lower_is_better)
     print(f"run: {run_dir}  instance: {instance}  device: {device}")
 
     agent = Agent(obs_size, action_size, args.hidden_sizes, action_space.low, action_space.high).to(device)

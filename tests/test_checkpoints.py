@@ -146,3 +146,12 @@ def test_early_stop_patience(workdir):
     assert result.returncode == 0, result.stderr
     assert "early stop: step 80/" in result.stdout  # 2 envs, episodes of 10 steps: 4th measurement at step 80
     assert len(scalars(run_dirs(workdir)[0])["charts/avg_LTA_return"]) == 4
+
+
+def test_a_registry_ranked_the_other_way_is_refused_up_front(workdir):
+    assert run_cli(*PENDULUM, "--total-timesteps", 256, "--eval-episodes", 0, cwd=workdir).returncode == 0
+    before = registry(workdir)[1]
+    result = run_cli(*PENDULUM, "--total-timesteps", 256, "--lower-is-better", cwd=workdir)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "lower_is_better" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert registry(workdir)[1] == before and len(run_dirs(workdir)) == 1
