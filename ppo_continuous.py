@@ -736,17 +736,20 @@ def train(args, env_kwargs):
         b_values = torch.from_numpy(values_buf.reshape(batch_size)).to(device)
 
         # LEARNING PHASE
-        clipfracs = []
+        batch = (b_obs, b_actions, b_logprobs, b_advantages, b_returns, b_values)
+        ratios = []
         for epoch in range(args.update_epochs):
+            # Shuffling once per epoch and slicing gives the same random minibatches with one gather per epoch.
             permutation = torch.randperm(batch_size, device=device)
+            shuffled = [tensor[permutation] for tensor in batch]
             for start in range(0, batch_size, minibatch_size):
-                mb = permutation[start:start + minibatch_size]
-                _, new_logprob, entropy, new_value = agent.get_action_and_value(b_obs[mb], b_actions[mb])
-                mb_advantages = b_advantages[mb]
+                mb_obs, mb_actions, mb_logprobs, mb_advantages, mb_returns, mb_values = (
+                    tensor[start:start + minibatch_size] for tensor in shuffled)
+                _, new_logprob, entropy, new_value = agent.get_action_and_value(mb_obs, mb_actions)
                 if args.norm_adv:
                     mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + 1e-8)
-                pg_loss, ratio = policy_loss(new_logprob, b_logprobs[mb], mb_advantages, args.clip_coef)
-                v_loss = value_loss(new_value, b_values[mb], b_returns[mb], args.clip_coef, args.clip_vloss)
+                pg_loss, ratio = policy_loss(new_logprob, mb_logprobs, mb_advantages, args.clip_coef)
+                v_loss = value_loss(new_value, mb_values, mb_returns, args.clip_coef, args.clip_vloss)
                 entropy_loss = entropy.mean()
                 loss = pg_loss - args.ent_coef * entropy_loss + args.vf_coef * v_loss
 
@@ -759,13 +762,12 @@ def train(args, env_kwargs):
                 for optimizer in optimizers:
                     optimizer.step()
                 counters["minibatch_updates"] += 1
-
-                with torch.no_grad():
-                    logratio = ratio.log()
-                    old_approx_kl = (-logratio).mean()
-                    approx_kl = ((ratio - 1) - logratio).mean()
-                    clipfracs.append(((ratio - 1.0).abs() > args.clip_coef).float().mean())
+                ratios.append(ratio.detach())
             counters["updates"] += 1
+            with torch.no_grad():  # the epoch's last minibatch, as CleanRL logs it and checks target_kl
+                logratio = ratio.log()
+                old_approx_kl = (-logratio).mean()
+                approx_kl = ((ratio - 1) - logratio).mean()
             if args.target_kl is not None and approx_kl > args.target_kl:
                 break
         counters["rollouts"] = iteration
@@ -786,7 +788,7 @@ def train(args, env_kwargs):
             "losses/entropy": entropy_loss.item(),
             "losses/old_approx_kl": old_approx_kl.item(),
             "losses/approx_kl": approx_kl.item(),
-            "losses/clipfrac": torch.stack(clipfracs).mean().item(),
+            "losses/clipfrac": ((torch.cat(ratios) - 1.0).abs() > args.clip_coef).float().mean().item(),
             "losses/explained_variance": explained_variance(values_np, returns_np),
             "values/mean_abs_error": float(np.abs(returns_np - values_np).mean()),
             "values/returns_variance": float(np.var(returns_np)),
