@@ -538,7 +538,8 @@ def seed_everything(seed, torch_deterministic):
     torch.backends.cudnn.deterministic = torch_deterministic
 
 
-def run_evaluation_only(args, env_kwargs, device):
+def run_evaluation_only(args, device):
+    """Evaluate `args.eval_only` on the env and env kwargs it was trained on."""
     checkpoint = read_checkpoint(args.eval_only)
     saved = checkpoint["args"]
     args.env_id, args.clip_obs = saved["env_id"], saved["clip_obs"]
@@ -561,7 +562,7 @@ def train(args, env_kwargs):
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     seed_everything(args.seed, args.torch_deterministic)
     if args.eval_only:
-        return {"eval_LTA_return": run_evaluation_only(args, env_kwargs, device)}
+        return {"eval_LTA_return": run_evaluation_only(args, device)}
     resumed = read_checkpoint(args.resume) if args.resume else None
     if resumed is not None:
         args.hidden_sizes = tuple(resumed["args"]["hidden_sizes"])

@@ -70,16 +70,13 @@ def env_only_sps(env_id, num_envs, num_steps, iterations, workdir):
 def training_sps(trainer, env_id, num_envs, num_steps, iterations, workdir):
     args, env_kwargs = trainer_args(trainer, env_id, num_envs, num_steps, iterations, workdir)
     with contextlib.redirect_stdout(io.StringIO()):
-        start = time.perf_counter()
         summary = trainer.train(args, env_kwargs)
-        total_seconds = time.perf_counter() - start
     steps = iterations * num_envs * num_steps
     timing = summary.get("timing", {})
     return {
         "end_to_end": summary["stats"]["charts/SPS"],
         "rollout": steps / timing["rollout_seconds"] if timing else float("nan"),
         "update_seconds": timing["update_seconds"] / iterations if timing else float("nan"),
-        "with_startup": steps / total_seconds,
     }
 
 
