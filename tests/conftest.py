@@ -12,8 +12,8 @@ SCRIPT = REPO / "ppo_continuous.py"
 FAST = ["--num-envs", "2", "--num-steps", "128", "--num-minibatches", "4", "--update-epochs", "2"]
 
 
-def run_cli(*args, cwd, timeout=300, script=SCRIPT):
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+def run_cli(*args, cwd, timeout=300, script=SCRIPT, env=None):
+    env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
     return subprocess.run([sys.executable, str(script), *map(str, args)], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
 

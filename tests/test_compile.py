@@ -1,0 +1,108 @@
+"""--compile: the compiled minibatch update does what the eager one does, end to end and on failure."""
+
+import copy
+
+import pytest
+import torch
+
+import ppo_continuous
+from tests.conftest import FAST, run_cli, run_dirs, scalars
+
+PENDULUM = ["--env-id", "Pendulum-v1", "--reset-steps", 32, *FAST]
+
+
+def random_minibatches(agent, count, size=64, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    obs_size, action_size = agent.critic[0].in_features, agent.actor_logstd.shape[1]
+    minibatches = []
+    for _ in range(count):
+        obs = torch.randn(size, obs_size, generator=generator)
+        actions = torch.randn(size, action_size, generator=generator)
+        with torch.no_grad():
+            _, log_probs, _, values = agent.get_action_and_value(obs, actions)
+        # Old log-probs and values off the current ones, so ratios and value changes reach the clipping range.
+        log_probs = log_probs + 0.3 * torch.randn(size, generator=generator)
+        values = values + torch.randn(size, generator=generator)
+        minibatches.append((obs, actions, log_probs, 3 * torch.randn(size, generator=generator),
+                            torch.randn(size, generator=generator), values))
+    return minibatches
+
+
+@pytest.mark.parametrize("options", [
+    dict(),  # CleanRL's: one Adam, global grad-norm clipping
+    dict(shared_optimizer=False, actor_lr=1e-3, critic_lr=2e-3, max_grad_norm=0.05, ent_coef=0.01),
+    dict(max_grad_norm=None, norm_adv=False, clip_vloss=False),
+])
+def test_compiled_update_matches_the_eager_update(options):
+    args = ppo_continuous.Args(**options)
+    ppo_continuous.resolve_args(args)
+    torch.manual_seed(0)
+    eager_agent = ppo_continuous.Agent(5, 2)
+    compiled_agent = copy.deepcopy(eager_agent)
+    eager_optimizers, eager_clip = ppo_continuous.make_optimizers(eager_agent, args)
+    compiled_optimizers, compiled_clip = ppo_continuous.make_optimizers(compiled_agent, args)
+    minibatches = random_minibatches(eager_agent, 6)
+    update = ppo_continuous.compiled_minibatch_update(compiled_agent, compiled_optimizers, compiled_clip, args,
+                                                      minibatches[0])
+    for step, minibatch in enumerate(minibatches):
+        if step == 3:  # a learning-rate schedule changes the rates between rollouts
+            for optimizers in (eager_optimizers, compiled_optimizers):
+                for optimizer in optimizers:
+                    for group in optimizer.param_groups:
+                        group["lr"] *= 0.5
+        want = ppo_continuous.minibatch_update(eager_agent, eager_optimizers, eager_clip, args, minibatch)
+        got = update(minibatch)
+        for got_part, want_part in zip(got, want):
+            torch.testing.assert_close(got_part, want_part, rtol=1e-5, atol=1e-6)
+    # Same weights, and an optimizer state the eager optimizer continues from (checkpoints, --resume).
+    for (name, got_param), want_param in zip(compiled_agent.named_parameters(), eager_agent.parameters()):
+        torch.testing.assert_close(got_param, want_param, rtol=1e-5, atol=1e-6, msg=name)
+    for got_optimizer, want_optimizer in zip(compiled_optimizers, eager_optimizers):
+        got_state, want_state = got_optimizer.state_dict()["state"], want_optimizer.state_dict()["state"]
+        assert got_state.keys() == want_state.keys()
+        for index in want_state:
+            assert got_state[index].keys() == want_state[index].keys()
+            for key, want_value in want_state[index].items():
+                assert got_state[index][key].dtype == want_value.dtype
+                torch.testing.assert_close(got_state[index][key], want_value, rtol=1e-4, atol=1e-7)
+
+
+def test_compiled_update_clips_gradients():
+    """Clipping is active here, so the eager reference above would catch a compiled update that skipped it."""
+    args = ppo_continuous.Args(max_grad_norm=1e-3)
+    ppo_continuous.resolve_args(args)
+    torch.manual_seed(0)
+    agent = ppo_continuous.Agent(5, 2)
+    optimizers, clip_groups = ppo_continuous.make_optimizers(agent, args)
+    minibatch = random_minibatches(agent, 1)[0]
+    ppo_continuous.compiled_minibatch_update(agent, optimizers, clip_groups, args, minibatch)(minibatch)
+    # After one step Adam's first moment is (1 - beta1) x the gradient it was given: the clipped gradient.
+    moments = [optimizers[0].state[param]["exp_avg"] for param in agent.parameters()]
+    assert torch.linalg.vector_norm(torch.cat([m.flatten() for m in moments])).item() / 0.1 == pytest.approx(1e-3, rel=1e-4)
+    assert all(int(optimizers[0].state[param]["step"]) == 1 for param in agent.parameters())
+
+
+def test_cli_compile_trains_and_its_checkpoint_resumes_without_compile(workdir):
+    result = run_cli(*PENDULUM, "--compile", "--total-timesteps", 512, "--eval-episodes", 0, cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    assert "compiled the minibatch update in" in result.stdout
+    run_dir = run_dirs(workdir)[0]
+    logged = scalars(run_dir)
+    assert logged["perf/compile_seconds"][0][1] > 0
+    assert logged["counters/minibatch_updates"][-1][1] == 2 * 2 * 4
+    assert all(torch.isfinite(torch.tensor(value)) for _, value in logged["losses/value_loss"])
+    checkpoint = torch.load(run_dir / "final.pt", weights_only=True)
+    assert all(int(state["step"]) == 2 * 2 * 4 for state in checkpoint["optimizers"][0]["state"].values())
+
+    resumed = run_cli(*PENDULUM, "--total-timesteps", 1024, "--eval-episodes", 0, "--resume", run_dir / "final.pt",
+                      cwd=workdir)
+    assert resumed.returncode == 0, resumed.stderr
+    assert scalars(run_dirs(workdir)[1])["counters/minibatch_updates"][-1][1] == 4 * 2 * 4
+
+
+def test_compile_without_a_compiler_is_one_line_exit_2_and_saves_nothing(workdir):
+    result = run_cli(*PENDULUM, "--compile", "--total-timesteps", 256, cwd=workdir, env={"CXX": "/nonexistent/c++"})
+    assert result.returncode == 2
+    assert result.stderr == ("error: --compile needs a C++ compiler and '/nonexistent/c++' was not found: "
+                             "install one (or set CXX), or train without --compile\n")
+    assert not (workdir / "runs").exists()
