@@ -91,7 +91,8 @@ def main():
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--parallel", type=int, default=2, help="trainings at a time")
     parser.add_argument("--workdir", help="where the runs go (default: a new temp dir)")
-    parser.add_argument("--new-args", default="", help="arguments for the new trainer only, one string: --new-args=--compile")
+    parser.add_argument("--new-args", default="",
+                        help="arguments for the new trainer only, as one string: --new-args=--compile")
     parser.add_argument("--extra-args", nargs=argparse.REMAINDER, default=[],
                         help="passed to both trainers; must come last")
     args = parser.parse_args()

@@ -20,13 +20,16 @@ import importlib.util
 import io
 import os
 import resource
+import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
+from statistics import median
 
 import numpy as np
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -90,7 +93,7 @@ def rss_mb():
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def memory_check(env_id, steps, workdir):
+def memory_check(env_id, steps, workdir, mode):
     """Resident memory sampled through a run: at 10% and at 100% of its wall time."""
     samples, done = [], threading.Event()
 
@@ -99,17 +102,18 @@ def memory_check(env_id, steps, workdir):
             samples.append((time.perf_counter(), rss_mb()))
 
     num_steps = 2048
-    args, env_kwargs = trainer_args(ppo_continuous, env_id, 1, num_steps, steps // num_steps, workdir)
+    args, env_kwargs = trainer_args(ppo_continuous, env_id, 1, num_steps, steps // num_steps, workdir,
+                                    compile=mode == "compile")
     sampler = threading.Thread(target=sample)
     start = time.perf_counter()
     sampler.start()
     with contextlib.redirect_stdout(io.StringIO()):
-        ppo_continuous.train(args, env_kwargs)
+        summary = ppo_continuous.train(args, env_kwargs)
     done.set()
     sampler.join()
-    duration = time.perf_counter() - start
-    at_10 = next(mb for t, mb in samples if t - start >= 0.1 * duration)
-    print(f"memory, {env_id}, {steps} steps: RSS at 10% {at_10:.0f} MiB, at 100% {samples[-1][1]:.0f} MiB, "
+    train_start = start + summary["timing"]["compile_seconds"]  # 10% of the training, after any compilation
+    at_10 = next(mb for t, mb in samples if t - train_start >= 0.1 * (time.perf_counter() - train_start))
+    print(f"memory, {env_id}, {mode}, {steps} steps: RSS at 10% {at_10:.0f} MiB, at 100% {samples[-1][1]:.0f} MiB, "
           f"growth {samples[-1][1] - at_10:+.1f} MiB; peak {peak_rss_mb():.0f} MiB")
 
 
@@ -123,6 +127,7 @@ def main():
     parser.add_argument("--num-envs", type=int, default=1)
     parser.add_argument("--num-steps", type=int, default=2048)
     parser.add_argument("--iterations", type=int, default=3, help="rollouts per measurement")
+    parser.add_argument("--repeats", type=int, default=3, help="measurements per figure (the median is shown)")
     parser.add_argument("--modes", default="eager,compile", help="update modes to time: eager, compile (--compile)")
     parser.add_argument("--baseline-script", help="another ppo_continuous.py to time in the same run")
     parser.add_argument("--memory-steps", type=int, help="only run the memory check, with this many steps")
@@ -130,31 +135,50 @@ def main():
     workdir = tempfile.mkdtemp(prefix="sps-")
     os.chdir(workdir)  # runs/ of the timed runs go to a temporary folder
     if options.memory_steps:
-        memory_check(options.env_id or "HalfCheetah-v4", options.memory_steps, workdir)
+        modes = options.modes.split(",")
+        if len(modes) == 1:
+            memory_check(options.env_id or "HalfCheetah-v4", options.memory_steps, workdir, modes[0])
+        else:  # one process per mode, so that each peak is its own
+            for mode in modes:
+                subprocess.run([sys.executable, str(REPO / "benchmarks" / "sps.py"), *sys.argv[1:], "--modes", mode],
+                               check=True)
         return
     configs = [(options.env_id, options.num_envs, options.num_steps)] if options.env_id else PRESETS
     baseline = load_trainer(options.baseline_script) if options.baseline_script else None
-    print(f"{os.cpu_count()} CPUs, torch threads 1, {options.iterations} rollouts per measurement; "
-          f"update: 10 epochs x 32 minibatches")
+    print(f"{os.cpu_count()} CPUs, torch threads 1, {options.iterations} rollouts per measurement, medians of "
+          f"{options.repeats}; update: 10 epochs x 32 minibatches")
     header = ("| env | envs x steps | update | env-only SPS | rollout SPS | update s/rollout | train SPS "
               "| train / env-only | compile s | 1M-step run / env-only |")
     if baseline:
         header += " baseline train SPS | speed-up |"
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
+    modes = options.modes.split(",")
     for env_id, num_envs, num_steps in configs:
-        env_sps = env_only_sps(env_id, num_envs, num_steps, options.iterations, workdir)
-        theirs = training_sps(baseline, env_id, num_envs, num_steps, options.iterations, workdir) if baseline else None
-        for mode in options.modes.split(","):
-            ours = training_sps(ppo_continuous, env_id, num_envs, num_steps, options.iterations, workdir,
-                                compile=mode == "compile")
-            # A 10^6-step run pays the compilation once: its SPS with that cost included.
-            long_run_sps = 1e6 / (1e6 / ours["end_to_end"] + ours["compile_seconds"])
-            row = (f"| {env_id} | {num_envs} x {num_steps} | {mode} | {env_sps:.0f} | {ours['rollout']:.0f} | "
-                   f"{ours['update_seconds']:.3f} | {ours['end_to_end']:.0f} | {ours['end_to_end'] / env_sps:.0%} | "
-                   f"{ours['compile_seconds']:.1f} | {long_run_sps / env_sps:.0%} |")
-            if theirs:
-                row += f" {theirs['end_to_end']:.0f} | {ours['end_to_end'] / theirs['end_to_end']:.2f}x |"
+        # Env-only and training alternate, --repeats times; each ratio pairs measurements taken side by side.
+        env_runs, our_runs, their_runs = [], {mode: [] for mode in modes}, []
+        for _ in range(options.repeats):
+            env_runs.append(env_only_sps(env_id, num_envs, num_steps, options.iterations, workdir))
+            if baseline:
+                their_runs.append(training_sps(baseline, env_id, num_envs, num_steps, options.iterations, workdir))
+            for mode in modes:
+                torch.compiler.reset()  # compile anew (inductor's on-disk cache still applies), as a new run does
+                our_runs[mode].append(training_sps(ppo_continuous, env_id, num_envs, num_steps, options.iterations,
+                                                   workdir, compile=mode == "compile"))
+        for mode in modes:
+            runs = our_runs[mode]
+            compile_seconds = max(run["compile_seconds"] for run in runs)
+            # A 10^6-step run pays the compilation once: its speed with that cost included.
+            long_run = [1e6 / (1e6 / run["end_to_end"] + compile_seconds) / env for run, env in zip(runs, env_runs)]
+            row = (f"| {env_id} | {num_envs} x {num_steps} | {mode} | {median(env_runs):.0f} | "
+                   f"{median(run['rollout'] for run in runs):.0f} | "
+                   f"{median(run['update_seconds'] for run in runs):.3f} | "
+                   f"{median(run['end_to_end'] for run in runs):.0f} | "
+                   f"{median(run['end_to_end'] / env for run, env in zip(runs, env_runs)):.0%} | "
+                   f"{compile_seconds:.1f} | {median(long_run):.0%} |")
+            if baseline:
+                speed_ups = [ours["end_to_end"] / theirs["end_to_end"] for ours, theirs in zip(runs, their_runs)]
+                row += f" {median(run['end_to_end'] for run in their_runs):.0f} | {median(speed_ups):.2f}x |"
             print(row, flush=True)
     print(f"peak RSS {peak_rss_mb():.0f} MiB")
 

@@ -38,22 +38,29 @@ def test_compiled_update_matches_the_eager_update(options):
     ppo_continuous.resolve_args(args)
     torch.manual_seed(0)
     eager_agent = ppo_continuous.Agent(5, 2)
-    compiled_agent = copy.deepcopy(eager_agent)
+    compiled_agent, repeat_agent = copy.deepcopy(eager_agent), copy.deepcopy(eager_agent)
     eager_optimizers, eager_clip = ppo_continuous.make_optimizers(eager_agent, args)
     compiled_optimizers, compiled_clip = ppo_continuous.make_optimizers(compiled_agent, args)
     minibatches = random_minibatches(eager_agent, 6)
     update = ppo_continuous.compiled_minibatch_update(compiled_agent, compiled_optimizers, compiled_clip, args,
                                                       minibatches[0])
+    repeat_optimizers, repeat_clip = ppo_continuous.make_optimizers(repeat_agent, args)
+    repeat_update = ppo_continuous.compiled_minibatch_update(repeat_agent, repeat_optimizers, repeat_clip, args,
+                                                             minibatches[0])
     for step, minibatch in enumerate(minibatches):
         if step == 3:  # a learning-rate schedule changes the rates between rollouts
-            for optimizers in (eager_optimizers, compiled_optimizers):
+            for optimizers in (eager_optimizers, compiled_optimizers, repeat_optimizers):
                 for optimizer in optimizers:
                     for group in optimizer.param_groups:
                         group["lr"] *= 0.5
         want = ppo_continuous.minibatch_update(eager_agent, eager_optimizers, eager_clip, args, minibatch)
         got = update(minibatch)
+        repeat_update(minibatch)
         for got_part, want_part in zip(got, want):
             torch.testing.assert_close(got_part, want_part, rtol=1e-5, atol=1e-6)
+    # Deterministic: the same updates again give the same weights to the bit.
+    for got_param, repeat_param in zip(compiled_agent.parameters(), repeat_agent.parameters()):
+        assert torch.equal(got_param, repeat_param)
     # Same weights, and an optimizer state the eager optimizer continues from (checkpoints, --resume).
     for (name, got_param), want_param in zip(compiled_agent.named_parameters(), eager_agent.parameters()):
         torch.testing.assert_close(got_param, want_param, rtol=1e-5, atol=1e-6, msg=name)
@@ -77,12 +84,12 @@ def test_compiled_update_clips_gradients():
     minibatch = random_minibatches(agent, 1)[0]
     ppo_continuous.compiled_minibatch_update(agent, optimizers, clip_groups, args, minibatch)(minibatch)
     # After one step Adam's first moment is (1 - beta1) x the gradient it was given: the clipped gradient.
-    moments = [optimizers[0].state[param]["exp_avg"] for param in agent.parameters()]
-    assert torch.linalg.vector_norm(torch.cat([m.flatten() for m in moments])).item() / 0.1 == pytest.approx(1e-3, rel=1e-4)
+    moments = torch.cat([optimizers[0].state[param]["exp_avg"].flatten() for param in agent.parameters()])
+    assert torch.linalg.vector_norm(moments).item() / 0.1 == pytest.approx(1e-3, rel=1e-4)
     assert all(int(optimizers[0].state[param]["step"]) == 1 for param in agent.parameters())
 
 
-def test_cli_compile_trains_and_its_checkpoint_resumes_without_compile(workdir):
+def test_cli_compile_trains_and_checkpoints_resume_across_modes(workdir):
     result = run_cli(*PENDULUM, "--compile", "--total-timesteps", 512, "--eval-episodes", 0, cwd=workdir)
     assert result.returncode == 0, result.stderr
     assert "compiled the minibatch update in" in result.stdout
@@ -97,7 +104,14 @@ def test_cli_compile_trains_and_its_checkpoint_resumes_without_compile(workdir):
     resumed = run_cli(*PENDULUM, "--total-timesteps", 1024, "--eval-episodes", 0, "--resume", run_dir / "final.pt",
                       cwd=workdir)
     assert resumed.returncode == 0, resumed.stderr
-    assert scalars(run_dirs(workdir)[1])["counters/minibatch_updates"][-1][1] == 4 * 2 * 4
+    eager_run_dir = run_dirs(workdir)[1]
+    assert scalars(eager_run_dir)["counters/minibatch_updates"][-1][1] == 4 * 2 * 4
+    # ... and an eager checkpoint resumes with --compile, its Adam state continuing.
+    again = run_cli(*PENDULUM, "--compile", "--total-timesteps", 1536, "--eval-episodes", 0,
+                    "--resume", eager_run_dir / "final.pt", cwd=workdir)
+    assert again.returncode == 0, again.stderr
+    checkpoint = torch.load(run_dirs(workdir)[2] / "final.pt", weights_only=True)
+    assert all(int(state["step"]) == 6 * 2 * 4 for state in checkpoint["optimizers"][0]["state"].values())
 
 
 def test_compile_without_a_compiler_is_one_line_exit_2_and_saves_nothing(workdir):
