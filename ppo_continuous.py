@@ -47,8 +47,7 @@ class Args:
     num_threads: int = 1
     """torch CPU threads; one is fastest for small networks"""
     compile: bool = False
-    """compile each minibatch update (gradients, clipping, Adam) into one graph with torch.compile: about 3x faster
-    updates on a CPU, after 10-30 s of compiling at start-up; needs a C++ compiler; rounding differs from eager"""
+    """compile the minibatch update into one graph (torch.compile): ~3x faster learning; needs a C++ compiler"""
 
     env_id: str = "HalfCheetah-v4"
     """the gymnasium environment id; `module:EnvId` imports `module` first (for your own registered envs)"""
