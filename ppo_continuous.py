@@ -329,6 +329,9 @@ def compiled_minibatch_update(agent, optimizers, clip_groups, args, example_mini
     group_positions = [[position[param] for param in group["params"]] for group in groups]
     clip_positions = [[position[param] for param in params] for params in clip_groups]
 
+    def pick(tensors, positions):
+        return [tensors[i] for i in positions]
+
     def loss(params, minibatch):
         outputs = torch.func.functional_call(agent, dict(zip(names, params)), minibatch[:2])
         return ppo_loss(outputs, minibatch, args)
@@ -343,11 +346,11 @@ def compiled_minibatch_update(agent, optimizers, clip_groups, args, example_mini
                 for i in positions:
                     grads[i] = grads[i] * scale
         for group, positions, lr in zip(groups, group_positions, lrs):
-            def pick(tensors):
-                return [tensors[i] for i in positions]
-            functional_adam(pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs), [], pick(steps),
-                            foreach=False, amsgrad=False, beta1=group["betas"][0], beta2=group["betas"][1], lr=lr,
-                            weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
+            # make_optimizers' Adam has no amsgrad (whose extra state this does not create).
+            functional_adam(*(pick(tensors, positions) for tensors in (params, grads, exp_avgs, exp_avg_sqs)), [],
+                            pick(steps, positions), foreach=False, amsgrad=False, lr=lr, beta1=group["betas"][0],
+                            beta2=group["betas"][1], weight_decay=group["weight_decay"], eps=group["eps"],
+                            maximize=group["maximize"], decoupled_weight_decay=group["decoupled_weight_decay"])
         return parts
 
     # Detached views: the update writes the agent's weights and the optimizers' state in place, outside autograd.
@@ -356,6 +359,9 @@ def compiled_minibatch_update(agent, optimizers, clip_groups, args, example_mini
     exp_avgs, exp_avg_sqs, steps = ([state[param][key] for param in agent.parameters()]
                                     for key in ("exp_avg", "exp_avg_sq", "step"))
     lrs = [torch.tensor(group["lr"], device=params[0].device) for group in groups]
+    # Dynamo keeps at most 8 graphs per function, and the options are constants of the graph: without a reset,
+    # the 9th configuration trained in one process (a sweep calling train()) would fail to compile.
+    torch.compiler.reset()
     compiled = torch.compile(update, fullgraph=True, dynamic=False)
     copies = [[tensor.clone() for tensor in tensors] for tensors in (params, exp_avgs, exp_avg_sqs, steps, lrs)]
     try:
@@ -437,8 +443,9 @@ def resolve_args(args):
              f"(--num-envs x --num-steps = {batch_size}): raise it or shorten the rollout")
     if args.eval_only and args.resume:
         fail("--eval-only and --resume exclude each other: give one")
-    compiler = os.environ.get("CXX", "clang++" if sys.platform == "darwin" else "g++")  # what inductor runs
-    if args.compile and not (args.cuda and torch.cuda.is_available()) and shutil.which(compiler) is None:
+    compiler = os.environ.get("CXX", {"darwin": "clang++", "win32": "cl"}.get(sys.platform, "g++"))  # inductor's
+    on_cpu = not (args.cuda and torch.cuda.is_available())
+    if args.compile and on_cpu and not args.eval_only and shutil.which(compiler) is None:
         fail(f"--compile needs a C++ compiler and '{compiler}' was not found: install one (or set CXX), "
              f"or train without --compile")
     try:
@@ -934,8 +941,8 @@ def main():
     env_kwargs = resolve_args(args)
     try:
         summary = train(args, env_kwargs)
-    except KeyboardInterrupt:  # before training started (e.g. while compiling): nothing was saved yet
-        print("interrupted before training started", file=sys.stderr)
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before training started (while compiling, say)
+        print("interrupted: files already saved are intact (they are written atomically)", file=sys.stderr)
         raise SystemExit(130)
     if summary.get("interrupted"):
         raise SystemExit(130)

@@ -112,7 +112,8 @@ def memory_check(env_id, steps, workdir, mode):
     done.set()
     sampler.join()
     train_start = start + summary["timing"]["compile_seconds"]  # 10% of the training, after any compilation
-    at_10 = next(mb for t, mb in samples if t - train_start >= 0.1 * (time.perf_counter() - train_start))
+    training_seconds = time.perf_counter() - train_start
+    at_10 = next(mb for t, mb in samples if t - train_start >= 0.1 * training_seconds)
     print(f"memory, {env_id}, {mode}, {steps} steps: RSS at 10% {at_10:.0f} MiB, at 100% {samples[-1][1]:.0f} MiB, "
           f"growth {samples[-1][1] - at_10:+.1f} MiB; peak {peak_rss_mb():.0f} MiB")
 
@@ -132,6 +133,8 @@ def main():
     parser.add_argument("--baseline-script", help="another ppo_continuous.py to time in the same run")
     parser.add_argument("--memory-steps", type=int, help="only run the memory check, with this many steps")
     options = parser.parse_args()
+    if not set(options.modes.split(",")) <= {"eager", "compile"}:
+        parser.error(f"--modes takes eager, compile or both (comma-separated), got {options.modes}")
     workdir = tempfile.mkdtemp(prefix="sps-")
     os.chdir(workdir)  # runs/ of the timed runs go to a temporary folder
     if options.memory_steps:
@@ -148,7 +151,7 @@ def main():
     print(f"{os.cpu_count()} CPUs, torch threads 1, {options.iterations} rollouts per measurement, medians of "
           f"{options.repeats}; update: 10 epochs x 32 minibatches")
     header = ("| env | envs x steps | update | env-only SPS | rollout SPS | update s/rollout | train SPS "
-              "| train / env-only | compile s | 1M-step run / env-only |")
+              "| train / env-only | compile s (max) | 1M-step run / env-only |")
     if baseline:
         header += " baseline train SPS | speed-up |"
     print(header)
