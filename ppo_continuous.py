@@ -310,7 +310,7 @@ def minibatch_update(agent, optimizers, clip_groups, args, minibatch):
     return parts
 
 
-def compiled_minibatch_update(agent, optimizers, clip_groups, args, example_minibatch):
+def compiled_minibatch_update(agent, optimizers, clip_groups, args, minibatch_size):
     """`minibatch_update` as one graph compiled by torch.compile (--compile); returns `update(minibatch) -> parts`.
 
     On a CPU each of the ~100 small ops of an eager update costs more in overhead than in arithmetic. Written as a
@@ -319,10 +319,11 @@ def compiled_minibatch_update(agent, optimizers, clip_groups, args, example_mini
     fused kernels round differently in the last bits. Compiles now, on copies, so a failure stops the run up front.
     """
     for optimizer in optimizers:
-        for param in (param for group in optimizer.param_groups for param in group["params"]):
-            if not optimizer.state[param]:  # Adam creates its state on its first step: the same state, now
-                optimizer.state[param] = {"step": torch.zeros((), device=param.device),
-                                          "exp_avg": torch.zeros_like(param), "exp_avg_sq": torch.zeros_like(param)}
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                if not optimizer.state[param]:  # Adam creates its state on its first step: the same state, now
+                    optimizer.state[param] = {"step": torch.zeros((), device=param.device), "exp_avg":
+                                              torch.zeros_like(param), "exp_avg_sq": torch.zeros_like(param)}
     names = [name for name, _ in agent.named_parameters()]
     position = {param: i for i, param in enumerate(agent.parameters())}
     groups = [group for optimizer in optimizers for group in optimizer.param_groups]
@@ -364,8 +365,11 @@ def compiled_minibatch_update(agent, optimizers, clip_groups, args, example_mini
     torch.compiler.reset()
     compiled = torch.compile(update, fullgraph=True, dynamic=False)
     copies = [[tensor.clone() for tensor in tensors] for tensors in (params, exp_avgs, exp_avg_sqs, steps, lrs)]
+    obs_size, action_size = agent.critic[0].in_features, agent.actor_logstd.shape[1]
+    example = [torch.zeros(minibatch_size, *shape, device=params[0].device)
+               for shape in ((obs_size,), (action_size,), (), (), (), ())]
     try:
-        compiled(*copies, tuple(torch.zeros_like(tensor) for tensor in example_minibatch))
+        compiled(*copies, tuple(example))
     except Exception as error:
         first_line = next(iter(str(error).strip().splitlines()), "")
         fail(f"--compile failed ({type(error).__name__}: {first_line}): train without --compile")
@@ -729,10 +733,7 @@ def train(args, env_kwargs):
     timing = {"compile_seconds": 0.0, "rollout_seconds": 0.0, "update_seconds": 0.0}
     if args.compile:
         compile_start = time.perf_counter()
-        example = (torch.zeros(minibatch_size, obs_size), torch.zeros(minibatch_size, action_size),
-                   *(torch.zeros(minibatch_size) for _ in range(4)))
-        update = compiled_minibatch_update(agent, optimizers, clip_groups, args,
-                                           tuple(tensor.to(device) for tensor in example))
+        update = compiled_minibatch_update(agent, optimizers, clip_groups, args, minibatch_size)
         timing["compile_seconds"] = time.perf_counter() - compile_start
         print(f"compiled the minibatch update in {timing['compile_seconds']:.1f} s")
     else:

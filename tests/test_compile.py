@@ -39,7 +39,7 @@ def train_on(minibatches, agent, args, compiled):
     """The minibatch updates one after the other, halving the learning rates half-way (as a schedule would)."""
     optimizers, clip_groups = ppo_continuous.make_optimizers(agent, args)
     if compiled:
-        update = ppo_continuous.compiled_minibatch_update(agent, optimizers, clip_groups, args, minibatches[0])
+        update = ppo_continuous.compiled_minibatch_update(agent, optimizers, clip_groups, args, len(minibatches[0][0]))
     else:
         update = functools.partial(ppo_continuous.minibatch_update, agent, optimizers, clip_groups, args)
     parts = []
@@ -93,7 +93,7 @@ def test_compiled_update_clips_gradients():
     agent = ppo_continuous.Agent(5, 2)
     optimizers, clip_groups = ppo_continuous.make_optimizers(agent, args)
     minibatch = random_minibatches(agent, 1)[0]
-    ppo_continuous.compiled_minibatch_update(agent, optimizers, clip_groups, args, minibatch)(minibatch)
+    ppo_continuous.compiled_minibatch_update(agent, optimizers, clip_groups, args, len(minibatch[0]))(minibatch)
     # After one step Adam's first moment is (1 - beta1) x the gradient it was given: the clipped gradient.
     moments = torch.cat([optimizers[0].state[param]["exp_avg"].flatten() for param in agent.parameters()])
     assert torch.linalg.vector_norm(moments).item() / 0.1 == pytest.approx(1e-3, rel=1e-4)
