@@ -3,8 +3,9 @@
     python -m queueing.baselines --instance criss-cross --policy maxweight --steps 1000000
 
 A policy maps a batch of observations (N, obs_dim) to action weights (N, K), exactly like the
-agent, so every policy goes through the environment's own allocation rule and dynamics
-(`queueing.env.step_dynamics`), simulated for many independent copies of the network at once.
+agent, so every policy goes through the environment's own allocation rule and dynamics: the
+copies are simulated by the native vector env (`queueing.vector_env`), all in one numpy call per
+slot, and copy i follows the trajectory of the single env seeded with `seed + i`.
 """
 
 from __future__ import annotations
@@ -16,14 +17,15 @@ from collections.abc import Callable
 
 import numpy as np
 
-from queueing.env import Network, draw_connectivity, holding_cost, observation, step_dynamics
+from queueing.env import Network
+from queueing.vector_env import QueueNetworkVectorEnv
 
 Policy = Callable[[np.ndarray], np.ndarray]
 NORMAL_QUANTILE_975 = 1.959963984540054
 
 
 def _as_network(instance: str | dict | Network) -> Network:
-    return instance if isinstance(instance, Network) else Network.from_instance(instance)
+    return Network.from_instance(instance)
 
 
 def _queues_and_connectivity(network: Network, observations: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -111,7 +113,8 @@ def evaluate_policy(
 ) -> tuple[float, float]:
     """LTA return (mean reward per step) of a policy and the half-width of its 95% CI.
 
-    Simulates `num_copies` independent copies of the network from empty queues, drops the
+    Simulates `num_copies` independent copies of the network from empty queues (copy i seeded
+    with `seed + i`; a randomised policy draws from its own generator seeded with `seed`), drops the
     first `warmup` slots of each, then runs at least `steps` transitions in total (rounded up
     to whole batches). The reward averaged over the copies at each slot forms one time series,
     cut into `num_batches` consecutive batches; the CI is the batch-means t-interval.
@@ -123,18 +126,16 @@ def evaluate_policy(
     if isinstance(policy, str) and policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r}; available policies: {', '.join(sorted(POLICIES))}")
     network = _as_network(instance)
-    dynamics_rng, policy_rng = np.random.default_rng(seed).spawn(2)
-    act = POLICIES[policy](network, policy_rng) if isinstance(policy, str) else policy
+    act = POLICIES[policy](network, np.random.default_rng(seed)) if isinstance(policy, str) else policy
 
     batch_length = max(1, math.ceil(steps / (num_copies * num_batches)))
-    queues = np.zeros((num_copies, network.num_buffers), dtype=np.int64)
-    connected = draw_connectivity(network, dynamics_rng, num_copies)
+    envs = QueueNetworkVectorEnv(num_copies, network, max_episode_steps=None)
+    observations, _ = envs.reset(seed=seed)
     mean_rewards = np.empty(batch_length * num_batches)
     for slot in range(-warmup, len(mean_rewards)):
-        weights = act(observation(network, queues, connected))
-        queues, connected, _ = step_dynamics(network, queues, connected, weights, dynamics_rng)
+        observations, rewards, *_ = envs.step(act(observations))
         if slot >= 0:
-            mean_rewards[slot] = -holding_cost(network, queues).mean()
+            mean_rewards[slot] = rewards.mean()
 
     batch_means = mean_rewards.reshape(num_batches, batch_length).mean(axis=1)
     half_width = student_t_quantile_975(num_batches - 1) * batch_means.std(ddof=1) / math.sqrt(num_batches)

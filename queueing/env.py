@@ -17,10 +17,24 @@ server. One environment step is one time slot, processed in this order:
 6. Connectivity: each buffer is connected to its server in the next slot with probability
    connectivity[k], independently; these bits are part of the returned observation.
 
+Continuous-time instances (`"time": "continuous"`) give rates per unit time instead. The
+environment then simulates the uniformized chain: Lambda = sum_k lambda_k + sum over servers of
+the largest service rate among its buffers, and each slot holds exactly one potential event: an
+arrival at k with probability lambda_k / Lambda, a completion at the buffer k its server picks
+with probability mu_k / Lambda, otherwise nothing (a self-loop). The stationary law of this chain
+is that of the continuous-time chain, so the average cost per slot equals the average cost per
+unit time.
+
 The task is continuing (never terminated); the registered id adds a 1000-step time limit.
 The batched pure functions below (`step_dynamics`, `server_allocation`, ...) are the single
-implementation of these rules: the environment calls them with one network copy, the
-baselines in `queueing.baselines` with many copies at once.
+implementation of these rules: the environment calls them with one network copy, the vector
+environment (`queueing.vector_env`) and the baselines with many copies at once, and the exact
+solver (`queueing.exact`) reads its transition probabilities from the same `Network` fields.
+
+Random numbers come from a counter-based generator (SplitMix64): number j of slot t of a copy
+is a hash of (the copy's key, t, j). A copy's key is drawn from its seeded `np_random` at every
+reset, so one copy gives the same trajectory whether it is stepped alone or among many, and a
+whole batch of copies draws its numbers in one vectorised call.
 """
 
 from __future__ import annotations
@@ -36,7 +50,8 @@ import numpy as np
 INSTANCES_DIR = Path(__file__).resolve().parent / "instances"
 
 REQUIRED_FIELDS = ("name", "arrival_rates", "service_rates", "holding_costs", "servers")
-OPTIONAL_FIELDS = ("description", "routing", "connectivity")
+OPTIONAL_FIELDS = ("description", "routing", "connectivity", "time")
+TIME_MODES = ("discrete", "continuous")
 # Tolerance for routing rows that sum to 1 up to rounding in the JSON file.
 ROW_SUM_TOLERANCE = 1e-9
 
@@ -91,7 +106,7 @@ def _check_vector(raw: dict, field: str, label: str, length: int, upper: float |
         raise ValueError(
             f'{label}: field "{field}" must have {length} entries (one per buffer), got {len(values)}'
         )
-    bound_text = "[0, 1]" if upper is not None else ">= 0"
+    bound_text = f"[0, {upper:g}]" if upper is not None else ">= 0"
     for index, value in enumerate(values):
         if not _is_number(value) or value < 0 or (upper is not None and value > upper):
             raise ValueError(
@@ -106,7 +121,7 @@ def load_instance(instance: str | dict) -> dict:
     `instance` is the name of a shipped instance (see `available_instances()`), a path to a
     JSON file, or an already-parsed dict. Any problem raises ValueError naming the field.
     Omitted optional fields come back as: description "", routing None (all jobs leave after
-    service), connectivity None (always connected).
+    service), connectivity None (always connected), time "discrete".
     """
     raw, label = _read_instance_source(instance)
     missing = [field for field in REQUIRED_FIELDS if field not in raw]
@@ -123,12 +138,18 @@ def load_instance(instance: str | dict) -> dict:
     if not isinstance(description, str):
         raise ValueError(f'{label}: field "description" must be a string')
 
+    time_mode = raw.get("time", "discrete")
+    if time_mode not in TIME_MODES:
+        raise ValueError(f'{label}: field "time" must be "discrete" or "continuous", got {time_mode!r}')
+    # Discrete time: per-slot probabilities in [0, 1]; continuous time: rates per unit time.
+    rate_bound = 1.0 if time_mode == "discrete" else None
+
     arrival_values = raw["arrival_rates"]
     if not isinstance(arrival_values, list) or not arrival_values:
         raise ValueError(f'{label}: field "arrival_rates" must be a non-empty list (one rate per buffer)')
     num_buffers = len(arrival_values)
-    arrival_rates = _check_vector(raw, "arrival_rates", label, num_buffers, upper=1.0)
-    service_rates = _check_vector(raw, "service_rates", label, num_buffers, upper=1.0)
+    arrival_rates = _check_vector(raw, "arrival_rates", label, num_buffers, upper=rate_bound)
+    service_rates = _check_vector(raw, "service_rates", label, num_buffers, upper=rate_bound)
     holding_costs = _check_vector(raw, "holding_costs", label, num_buffers, upper=None)
 
     servers = raw["servers"]
@@ -184,7 +205,11 @@ def load_instance(instance: str | dict) -> dict:
 
     connectivity = raw.get("connectivity")
     if connectivity is not None:
+        if time_mode == "continuous":
+            raise ValueError(f'{label}: field "connectivity" is only defined for discrete-time instances')
         connectivity = _check_vector(raw, "connectivity", label, num_buffers, upper=1.0)
+    if time_mode == "continuous" and sum(arrival_rates) + sum(service_rates) == 0:
+        raise ValueError(f'{label}: field "time": a continuous-time instance needs a positive rate')
 
     return {
         "name": raw["name"],
@@ -195,6 +220,7 @@ def load_instance(instance: str | dict) -> dict:
         "servers": [list(buffers) for buffers in servers],
         "routing": routing,
         "connectivity": connectivity,
+        "time": time_mode,
     }
 
 
@@ -203,14 +229,23 @@ class Network:
     """A validated instance as numpy arrays, ready for the batched dynamics."""
 
     name: str
-    arrival_rates: np.ndarray  # (K,)
-    service_rates: np.ndarray  # (K,)
+    continuous_time: bool
+    arrival_rates: np.ndarray  # (K,) as in the instance: probabilities per slot, or rates
+    service_rates: np.ndarray  # (K,) as in the instance
     holding_costs: np.ndarray  # (K,)
+    # Per-slot probabilities, the only ones the dynamics and the exact solver use: an arrival at
+    # buffer k, and a completion at buffer k when its server picks it. In discrete time these are
+    # the instance's numbers and all events of a slot are independent; in continuous time they
+    # are the rates divided by `uniformization_rate` and a slot holds at most one event.
+    arrival_probabilities: np.ndarray  # (K,)
+    service_probabilities: np.ndarray  # (K,)
+    uniformization_rate: float  # Lambda; 1.0 in discrete time
     server_membership: np.ndarray  # (S, K) float 0/1: 1 where server s serves buffer k
     server_of_buffer: np.ndarray  # (K,) int
     # (S, K) 0 where server s serves buffer k, +inf elsewhere: adding it to per-buffer values
     # broadcast to (..., S, K) leaves only each server's own buffers finite for a min.
     outside_server_penalty: np.ndarray
+    routing: np.ndarray | None  # (K, K) routing probabilities
     # Routing from buffer k to buffer j happens when a uniform draw falls in
     # [routing_low[k][j], routing_high[k][j]): the row-wise cumulative sums of the routing matrix.
     routing_low: np.ndarray | None  # (K, K)
@@ -218,21 +253,35 @@ class Network:
     connectivity: np.ndarray | None  # (K,) probability of being connected in a slot
 
     @classmethod
-    def from_instance(cls, instance: str | dict) -> Network:
+    def from_instance(cls, instance: str | dict | Network) -> Network:
+        if isinstance(instance, Network):
+            return instance
         spec = load_instance(instance)
         num_buffers = len(spec["arrival_rates"])
         membership = np.zeros((len(spec["servers"]), num_buffers))
         for server, buffers in enumerate(spec["servers"]):
             membership[server, buffers] = 1.0
-        routing_high = None if spec["routing"] is None else np.cumsum(spec["routing"], axis=1)
+        arrival_rates, service_rates = np.array(spec["arrival_rates"]), np.array(spec["service_rates"])
+        continuous_time = spec["time"] == "continuous"
+        uniformization_rate = 1.0
+        if continuous_time:
+            fastest_per_server = (membership * service_rates).max(axis=1)
+            uniformization_rate = float(arrival_rates.sum() + fastest_per_server.sum())
+        routing = None if spec["routing"] is None else np.array(spec["routing"])
+        routing_high = None if routing is None else np.cumsum(routing, axis=1)
         return cls(
             name=spec["name"],
-            arrival_rates=np.array(spec["arrival_rates"]),
-            service_rates=np.array(spec["service_rates"]),
+            continuous_time=continuous_time,
+            arrival_rates=arrival_rates,
+            service_rates=service_rates,
             holding_costs=np.array(spec["holding_costs"]),
+            arrival_probabilities=arrival_rates / uniformization_rate,
+            service_probabilities=service_rates / uniformization_rate,
+            uniformization_rate=uniformization_rate,
             server_membership=membership,
             server_of_buffer=membership.argmax(axis=0),
             outside_server_penalty=np.where(membership > 0, 0.0, np.inf),
+            routing=routing,
             routing_low=None if routing_high is None else np.pad(routing_high[:, :-1], ((0, 0), (1, 0))),
             routing_high=routing_high,
             connectivity=None if spec["connectivity"] is None else np.array(spec["connectivity"]),
@@ -246,6 +295,47 @@ class Network:
     def observation_size(self) -> int:
         return self.num_buffers * (2 if self.connectivity is not None else 1)
 
+    @property
+    def draws_per_slot(self) -> int:
+        """Uniform numbers one slot consumes per copy (see `step_dynamics` for their layout)."""
+        num_buffers = self.num_buffers
+        # race | service and arrival draws (discrete) or the event draw (continuous) | routing | connectivity
+        count = num_buffers + (1 if self.continuous_time else 2 * num_buffers)
+        count += num_buffers if self.routing is not None else 0
+        return count + (num_buffers if self.connectivity is not None else 0)
+
+
+# --- random numbers -----------------------------------------------------------------------------
+
+SPLITMIX_INCREMENT = np.uint64(0x9E3779B97F4A7C15)
+SPLITMIX_MULTIPLIER_1 = np.uint64(0xBF58476D1CE4E5B9)
+SPLITMIX_MULTIPLIER_2 = np.uint64(0x94D049BB133111EB)
+
+
+def draw_key(generator: np.random.Generator) -> np.uint64:
+    """A copy's 64-bit stream key, drawn from its seeded generator at every reset."""
+    return generator.integers(0, 2**64, dtype=np.uint64)
+
+
+def slot_uniforms(keys: np.ndarray, slots: np.ndarray, count: int) -> np.ndarray:
+    """(N, count) uniforms in [0, 1) for slot `slots[i]` of the copy with key `keys[i]`.
+
+    Number j of slot t is output t * count + j + 1 of the SplitMix64 generator started at the
+    key (Steele, Lea and Flood 2014), so every copy reads its own SplitMix64 stream in order,
+    and any batch of copies gets all its numbers in a few vectorised integer operations.
+    """
+    counters = np.asarray(slots, dtype=np.uint64)[:, None] * np.uint64(count)
+    counters = counters + np.arange(1, count + 1, dtype=np.uint64)
+    mixed = np.asarray(keys, dtype=np.uint64)[:, None] + counters * SPLITMIX_INCREMENT
+    mixed = (mixed ^ (mixed >> np.uint64(30))) * SPLITMIX_MULTIPLIER_1
+    mixed = (mixed ^ (mixed >> np.uint64(27))) * SPLITMIX_MULTIPLIER_2
+    mixed ^= mixed >> np.uint64(31)
+    # The top 53 bits, as a double in [0, 1).
+    return (mixed >> np.uint64(11)).astype(np.float64) * (1.0 / 2**53)
+
+
+# --- the rules ----------------------------------------------------------------------------------
+
 
 def sanitize_weights(weights) -> np.ndarray:
     """Clips weights to [0, 1]; NaN counts as 0."""
@@ -253,11 +343,20 @@ def sanitize_weights(weights) -> np.ndarray:
     return np.fmax(np.minimum(np.asarray(weights, dtype=np.float64), 1.0), 0.0)
 
 
+def _per_server_sum(values: np.ndarray, server_membership: np.ndarray) -> np.ndarray:
+    """(..., K) -> (..., S) sums over each server's buffers.
+
+    An explicit product and sum rather than a matrix product: its rounding does not depend on
+    how many copies are in the batch, which keeps one copy bit-identical alone or in a batch.
+    """
+    return (values[..., None, :] * server_membership).sum(axis=-1)
+
+
 def _effective_weights(weights, queues, connected, server_membership, server_of_buffer) -> np.ndarray:
     """Weights restricted to non-empty connected buffers; all-zero servers fall back to uniform."""
     eligible = (np.asarray(queues) > 0) & np.asarray(connected, dtype=bool)
     masked = sanitize_weights(weights) * eligible
-    all_zero = (masked @ server_membership.T == 0.0)[..., server_of_buffer]
+    all_zero = (_per_server_sum(masked, server_membership) == 0.0)[..., server_of_buffer]
     return np.where(all_zero, eligible, masked)
 
 
@@ -266,20 +365,20 @@ def server_allocation(weights, queues, connected, server_membership) -> np.ndarr
 
     Arrays have shape (..., K); `server_membership` is (S, K) 0/1 (or bool), 1 where the server
     serves the buffer. For each server the probabilities over its buffers sum to 1, or to 0 when
-    it has no non-empty connected buffer.
+    it has no non-empty connected buffer. Servers pick independently of each other.
     """
     server_membership = np.asarray(server_membership, dtype=np.float64)
     server_of_buffer = server_membership.argmax(axis=0)
     effective = _effective_weights(weights, queues, connected, server_membership, server_of_buffer)
-    total = (effective @ server_membership.T)[..., server_of_buffer]
+    total = _per_server_sum(effective, server_membership)[..., server_of_buffer]
     return np.divide(effective, total, out=np.zeros_like(effective), where=total > 0)
 
 
-def draw_connectivity(network: Network, rng: np.random.Generator, num_copies: int) -> np.ndarray:
-    """Connectivity bits (num_copies, K) for one slot; all True without a connectivity field."""
+def draw_connectivity(network: Network, uniforms: np.ndarray) -> np.ndarray:
+    """Connectivity bits (N, K) from a slot's uniforms; all True without a connectivity field."""
     if network.connectivity is None:
-        return np.ones((num_copies, network.num_buffers), dtype=bool)
-    return rng.random((num_copies, network.num_buffers)) < network.connectivity
+        return np.ones((uniforms.shape[0], network.num_buffers), dtype=bool)
+    return uniforms[:, -network.num_buffers :] < network.connectivity
 
 
 def step_dynamics(
@@ -287,13 +386,17 @@ def step_dynamics(
     queues: np.ndarray,
     connected: np.ndarray,
     weights: np.ndarray,
-    rng: np.random.Generator,
+    uniforms: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Advances N copies of the network by one slot (steps 1-4 and 6 of the module docstring).
 
-    queues: (N, K) int; connected: (N, K) bool for this slot; weights: (N, K).
+    queues: (N, K) int; connected: (N, K) bool for this slot; weights: (N, K); uniforms:
+    (N, network.draws_per_slot) in [0, 1), laid out as: K for the servers' picks, then K service
+    and K arrival draws (discrete time) or one event draw (continuous time), then K routing draws
+    if the instance routes, then K connectivity draws if it has connectivity.
     Returns (new_queues, connected_next_slot, completed) with completed (N, K) bool.
     """
+    num_buffers = network.num_buffers
     effective = _effective_weights(
         weights, queues, connected, network.server_membership, network.server_of_buffer
     )
@@ -302,23 +405,39 @@ def step_dynamics(
     # rounding gap at the end of a cumulative sum. Zero weight never wins (infinite time, or NaN
     # for a zero draw, which fmin skips).
     with np.errstate(divide="ignore", invalid="ignore"):
-        race_times = rng.standard_exponential(queues.shape) / effective
+        race_times = -np.log1p(-uniforms[:, :num_buffers]) / effective
     first_per_server = np.fmin.reduce(race_times[:, None, :] + network.outside_server_penalty, axis=2)
     picked = (race_times == first_per_server[:, network.server_of_buffer]) & (effective > 0)
-    completed = picked & (rng.random(queues.shape) < network.service_rates)
+
+    if network.continuous_time:
+        # One event per slot: the draw falls in the interval of an arrival (widths
+        # arrival_probabilities), then of a completion at a picked buffer (widths
+        # service_probabilities), or beyond them all (no event).
+        event = uniforms[:, num_buffers, None]
+        arrival_high = np.cumsum(network.arrival_probabilities)
+        arrival_low = np.concatenate([[0.0], arrival_high[:-1]])
+        arrivals = (event >= arrival_low) & (event < arrival_high)
+        completion_high = arrival_high[-1] + np.cumsum(picked * network.service_probabilities, axis=1)
+        completion_low = np.concatenate([np.full_like(event, arrival_high[-1]), completion_high[:, :-1]], axis=1)
+        completed = picked & (event >= completion_low) & (event < completion_high)
+        next_draw = num_buffers + 1
+    else:
+        completed = picked & (uniforms[:, num_buffers : 2 * num_buffers] < network.service_probabilities)
+        arrivals = uniforms[:, 2 * num_buffers : 3 * num_buffers] < network.arrival_probabilities
+        next_draw = 3 * num_buffers
 
     new_queues = queues - completed
     if network.routing_high is not None:
-        draws = rng.random(queues.shape)[:, :, None]
+        draws = uniforms[:, next_draw : next_draw + num_buffers, None]
         destination = (draws >= network.routing_low) & (draws < network.routing_high)  # (N, source, dest)
         new_queues = new_queues + (completed[:, :, None] & destination).sum(axis=1)
-    new_queues = new_queues + (rng.random(queues.shape) < network.arrival_rates)
-    return new_queues, draw_connectivity(network, rng, queues.shape[0]), completed
+    new_queues = new_queues + arrivals
+    return new_queues, draw_connectivity(network, uniforms), completed
 
 
 def holding_cost(network: Network, queues: np.ndarray) -> np.ndarray:
     """sum_k c_k q_k per copy; the reward is its negative."""
-    return queues @ network.holding_costs
+    return (queues * network.holding_costs).sum(axis=-1)
 
 
 def observation(network: Network, queues: np.ndarray, connected: np.ndarray) -> np.ndarray:
@@ -326,6 +445,22 @@ def observation(network: Network, queues: np.ndarray, connected: np.ndarray) -> 
     if network.connectivity is None:
         return queues.astype(np.float32)
     return np.concatenate([queues, connected], axis=-1).astype(np.float32)
+
+
+def parse_initial_queues(network: Network, initial_queues) -> np.ndarray:
+    """The `initial_queues` reset option as int64 (K,); ValueError unless K non-negative integers."""
+    queues = np.asarray(initial_queues)
+    if (
+        queues.shape != (network.num_buffers,)
+        or not np.issubdtype(queues.dtype, np.number)
+        or not np.all(np.isfinite(queues))
+        or np.any(queues < 0)
+        or np.any(queues != np.round(queues))
+    ):
+        raise ValueError(
+            f'option "initial_queues" must be {network.num_buffers} non-negative integers, got {initial_queues!r}'
+        )
+    return queues.astype(np.int64)
 
 
 class QueueNetworkEnv(gym.Env):
@@ -336,7 +471,8 @@ class QueueNetworkEnv(gym.Env):
     `reset(options={"initial_queues": [...]})` starts from given queue lengths instead of empty.
     """
 
-    metadata = {"render_modes": []}
+    # "continuing": the task never ends; time limits only cut it into episodes.
+    metadata = {"render_modes": [], "continuing": True}
 
     def __init__(self, instance: str | dict = "single-server-2class"):
         self.network = Network.from_instance(instance)
@@ -345,6 +481,11 @@ class QueueNetworkEnv(gym.Env):
         self.observation_space = gym.spaces.Box(0.0, np.inf, (self.network.observation_size,), np.float32)
         self._queues = np.zeros((1, num_buffers), dtype=np.int64)
         self._connected = np.ones((1, num_buffers), dtype=bool)
+        self._key = np.zeros(1, dtype=np.uint64)
+        self._slot = np.zeros(1, dtype=np.int64)
+
+    def _uniforms(self) -> np.ndarray:
+        return slot_uniforms(self._key, self._slot, self.network.draws_per_slot)
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
@@ -352,25 +493,17 @@ class QueueNetworkEnv(gym.Env):
         if initial_queues is None:
             self._queues = np.zeros((1, self.network.num_buffers), dtype=np.int64)
         else:
-            queues = np.asarray(initial_queues)
-            if (
-                queues.shape != (self.network.num_buffers,)
-                or not np.all(np.isfinite(queues))
-                or np.any(queues < 0)
-                or np.any(queues != np.round(queues))
-            ):
-                raise ValueError(
-                    f'option "initial_queues" must be {self.network.num_buffers} non-negative integers, '
-                    f"got {initial_queues!r}"
-                )
-            self._queues = queues.astype(np.int64)[None, :]
-        self._connected = draw_connectivity(self.network, self.np_random, 1)
+            self._queues = parse_initial_queues(self.network, initial_queues)[None, :]
+        self._key[0] = draw_key(self.np_random)
+        self._slot[0] = 0
+        self._connected = draw_connectivity(self.network, self._uniforms())
         return observation(self.network, self._queues, self._connected)[0], {}
 
     def step(self, action):
         weights = np.asarray(action, dtype=np.float64).reshape(1, self.network.num_buffers)
+        self._slot += 1
         self._queues, self._connected, _ = step_dynamics(
-            self.network, self._queues, self._connected, weights, self.np_random
+            self.network, self._queues, self._connected, weights, self._uniforms()
         )
         reward = -float(holding_cost(self.network, self._queues)[0])
         return observation(self.network, self._queues, self._connected)[0], reward, False, False, {}

@@ -16,10 +16,12 @@ from queueing.env import (
     Network,
     QueueNetworkEnv,
     draw_connectivity,
+    draw_key,
     holding_cost,
     load_instance,
     observation,
     server_allocation,
+    slot_uniforms,
     step_dynamics,
 )
 
@@ -174,7 +176,8 @@ def test_sampled_service_frequencies_match_the_allocation():
     copies = 40000
     queues = np.full((copies, 3), 5)
     weights = np.tile([0.1, 0.3, 0.6], (copies, 1))
-    _, _, completed = step_dynamics(network, queues, np.ones((copies, 3), bool), weights, np.random.default_rng(0))
+    uniforms = np.random.default_rng(0).random((copies, network.draws_per_slot))
+    _, _, completed = step_dynamics(network, queues, np.ones((copies, 3), bool), weights, uniforms)
     np.testing.assert_array_equal(completed.sum(axis=1), 1)
     np.testing.assert_allclose(completed.mean(axis=0), [0.1, 0.3, 0.6], atol=0.01)
 
@@ -204,19 +207,20 @@ def test_same_seed_gives_identical_trajectories_and_different_seeds_differ():
 
 
 def test_env_and_batched_simulation_share_the_dynamics():
-    # With the same seed, one batched copy reproduces the environment's trajectory exactly.
+    # The env's stream: a key drawn from its seeded np_random, then one block of uniforms per slot.
     env = QueueNetworkEnv("criss-cross")
     network = env.network
     env_obs, _ = env.reset(seed=11)
-    rng = np.random.default_rng(11)
+    keys = np.array([draw_key(np.random.default_rng(11))])
     queues = np.zeros((1, network.num_buffers), dtype=np.int64)
-    connected = draw_connectivity(network, rng, 1)
+    connected = draw_connectivity(network, slot_uniforms(keys, np.array([0]), network.draws_per_slot))
     policy = POLICIES["maxweight"](network)
-    for _ in range(300):
+    for slot in range(1, 301):
         batched_obs = observation(network, queues, connected)
         np.testing.assert_array_equal(env_obs, batched_obs[0])
         action = policy(batched_obs)
-        queues, connected, _ = step_dynamics(network, queues, connected, action, rng)
+        uniforms = slot_uniforms(keys, np.array([slot]), network.draws_per_slot)
+        queues, connected, _ = step_dynamics(network, queues, connected, action, uniforms)
         env_obs, env_reward, *_ = env.step(action[0])
         assert env_reward == -holding_cost(network, queues)[0]
 
