@@ -1,12 +1,18 @@
 """PPO for continuous actions, in one file, for long-term-average (LTA) performance on problem instances.
 
 The story, top to bottom: `Args` (every option, with its help text), the agent, the math as small pure
-functions (Gaussian log-probability, GAE with bootstrapping on truncation, the PPO losses), environment
-construction, checkpoints, evaluation, then `train`: collect a rollout, compute advantages, learn, log.
+functions (Gaussian log-probability, GAE with bootstrapping on truncation, the PPO losses), environments and
+the evaluation protocol, checkpoints, then `train`: collect a rollout, compute advantages, learn, log.
+After `train` come the parts a reader may skip: what happens when episodes end or a candidate is evaluated,
+setting up and restoring a run, the command line, and the optional compiled update (`--compile`).
 Run `python ppo_continuous.py --help` for the options; README.md explains the terms.
 """
 
+import ast
+import contextlib
+import dataclasses
 import functools
+import inspect
 import json
 import math
 import os
@@ -15,13 +21,15 @@ import random
 import shutil
 import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal, Optional, Tuple
+from typing import Annotated, Literal, Optional, Tuple
 
 import gymnasium as gym
 import numpy as np
+import scipy.stats
 import torch
 import torch.nn as nn
 import tyro
@@ -31,15 +39,16 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgres
 from torch.optim.adam import adam as functional_adam
 from torch.utils.tensorboard import SummaryWriter
 
-from checkpoint_saver import CheckpointSaver, instance_key, save_atomic
+from checkpoint_saver import CheckpointSaver, RegistryError, instance_key, save_atomic
 
 
 @dataclass
 class Args:
+    # run
     exp_name: str = Path(__file__).stem
     """the name of this experiment (part of the run name)"""
     seed: int = 1
-    """seed of the experiment (torch, numpy, python and the environments)"""
+    """seed of the experiment (torch, numpy, python and the training environments)"""
     torch_deterministic: bool = True
     """if toggled, `torch.backends.cudnn.deterministic=True`"""
     cuda: bool = True
@@ -48,37 +57,30 @@ class Args:
     """torch CPU threads; one is fastest for small networks"""
     compile: bool = False
     """compile the minibatch update into one graph (torch.compile): ~3x faster learning; needs a C++ compiler"""
+    track: bool = False
+    """log the run to Weights & Biases (WANDB_MODE=offline works without network)"""
+    wandb_project_name: str = "ppo_continuous"
+    """the Weights & Biases project"""
+    wandb_entity: Optional[str] = None
+    """the Weights & Biases entity (team); none: your default entity"""
 
+    # env
     env_id: str = "HalfCheetah-v4"
     """the gymnasium environment id; `module:EnvId` imports `module` first (for your own registered envs)"""
     env_kwargs: str = "{}"
     """a JSON object of keyword arguments passed to `gym.make`"""
-    total_timesteps: int = 1000000
-    """total environment steps of the experiment (over all envs)"""
     num_envs: int = 1
     """the number of parallel environments"""
     async_envs: bool = False
     """step the environments in subprocesses (AsyncVectorEnv); worth it for expensive envs"""
+    reset_steps: Optional[int] = None
+    """episode time limit per env during training (default: the env's own limit)"""
+
+    # rollout
+    total_timesteps: int = 1000000
+    """total environment steps of the experiment over all envs, rounded down to whole rollouts"""
     num_steps: int = 2048
     """steps per environment in each rollout (the rollout length)"""
-    reset_steps: Optional[int] = None
-    """episode time limit per env (a TimeLimit); default: the env's own limit"""
-
-    learning_rate: float = 3e-4
-    """the default learning rate of both networks"""
-    actor_lr: Optional[float] = None
-    """the actor's learning rate (default: --learning-rate)"""
-    critic_lr: Optional[float] = None
-    """the critic's learning rate (default: --learning-rate)"""
-    shared_optimizer: bool = True
-    """one Adam over all parameters, grad norm clipped globally; else one Adam per network, each clipped"""
-    anneal_lr: bool = True
-    """anneal the learning rates linearly to zero (CleanRL's meaning); overridden by --lr-schedule"""
-    lr_schedule: Optional[Literal["constant", "linear", "exponential"]] = None
-    """learning-rate schedule over rollouts (default: linear with --anneal-lr, else constant)"""
-    lr_decay_rate: float = 0.999
-    """the per-rollout factor of the exponential schedule"""
-
     gamma: Optional[float] = None
     """the discount factor (default: 0.99, or 1.0 with --average-reward)"""
     gae_lambda: float = 0.95
@@ -96,10 +98,25 @@ class Args:
     clip_obs: float = 10.0
     """clip normalised observations to [-clip_obs, clip_obs]"""
     average_reward: bool = False
-    """average-reward PPO: advantages from differential rewards r - rho (see README)"""
+    """average-reward PPO: advantages from differential rewards r - rho (continuing tasks, gamma 1; see README)"""
     rho_step_size: float = 0.1
     """step size of the moving average that estimates rho, the average reward per step"""
 
+    # PPO update
+    learning_rate: float = 3e-4
+    """the default learning rate of both networks"""
+    actor_lr: Optional[float] = None
+    """the actor's learning rate (default: --learning-rate)"""
+    critic_lr: Optional[float] = None
+    """the critic's learning rate (default: --learning-rate)"""
+    shared_optimizer: bool = True
+    """one Adam over all parameters, grad norm clipped globally; else one Adam per network, each clipped"""
+    anneal_lr: bool = True
+    """anneal the learning rates linearly to zero (CleanRL's meaning); overridden by --lr-schedule"""
+    lr_schedule: Optional[Literal["constant", "linear", "exponential"]] = None
+    """learning-rate schedule over steps (default: linear with --anneal-lr, else constant)"""
+    lr_decay_rate: float = 0.999
+    """the per-rollout factor of the exponential schedule"""
     num_minibatches: int = 32
     """the number of minibatches per update"""
     update_epochs: int = 10
@@ -117,10 +134,29 @@ class Args:
     max_grad_norm: Optional[float] = 0.5
     """maximum global norm of the gradients (None: no clipping)"""
     target_kl: Optional[float] = None
-    """stop the learning phase early once the approximate KL exceeds this"""
+    """stop the learning phase early once the approximate KL exceeds this (default: never)"""
     hidden_sizes: Tuple[int, ...] = (64, 64)
     """hidden layer sizes of both the actor and the critic MLPs"""
 
+    # evaluation
+    eval_episodes: Optional[int] = None
+    """evaluation episodes (one per env copy) (default: 10; 128 for continuing tasks)"""
+    eval_horizon: Optional[int] = None
+    """steps scored per evaluation episode (default: the env's own time limit; 20000 for continuing tasks)"""
+    eval_warmup: Optional[int] = None
+    """steps run and discarded before scoring, continuing tasks only (default: 2500)"""
+    eval_seed: int = 1_000_000
+    """seed of evaluation copy 0 (copy i: +i); the same for every candidate (common random numbers)"""
+    eval_continuing: Optional[bool] = None
+    """score as a continuing task, with warm-up (default: the env's metadata['continuing'])"""
+    eval_every: Optional[int] = None
+    """steps between periodic evaluations (default: a twentieth of --total-timesteps)"""
+    eval_only: Optional[str] = None
+    """evaluate this checkpoint under the evaluation protocol and exit, without training"""
+    eval_json: Optional[str] = None
+    """with --eval-only: also write the score to this JSON file"""
+
+    # checkpoints
     problem_instance: Optional[str] = None
     """the problem-instance key for the checkpoint registry (default: env id + env kwargs)"""
     checkpoint_dir: str = "runs/checkpoints"
@@ -130,13 +166,15 @@ class Args:
     lower_is_better: bool = False
     """the LTA return is a cost: lower is better (for checkpoints, best.pt and early stopping)"""
     early_stop_patience: Optional[int] = None
-    """stop when the best LTA return has not improved over this many measurements (default: off)"""
-    eval_episodes: int = 10
-    """episodes of deterministic evaluation of the run's best agent at the end (0: none)"""
-    eval_only: Optional[str] = None
-    """evaluate this checkpoint and exit, without training"""
+    """stop when this many evaluations in a row have not improved the run's best (default: never)"""
+    save_latest_every: int = 10
+    """save latest.pt every this many rollouts, to resume a killed run (0: never)"""
     resume: Optional[str] = None
-    """continue training from this checkpoint (weights, statistics, optimizers, counters) as a new run"""
+    """continue training from this checkpoint; its options are the defaults of this run"""
+
+
+class TrainError(Exception):
+    """Bad options or input files: the command line prints the message as one line and exits with status 2."""
 
 
 class Agent(nn.Module):
@@ -173,34 +211,6 @@ class Agent(nn.Module):
         return torch.clamp(self.actor_mean(x), self.action_low, self.action_high)
 
 
-def numpy_policy(agent):
-    """The agent as a numpy function `(obs, noise) -> (action, log_prob, value)` for the per-step rollout.
-
-    Same weights (views, no copy) and same math as `get_action_and_value`; on a CPU a numpy forward of a small
-    MLP costs a fraction of a torch call, which otherwise costs more than the env step itself. Float rounding
-    differs from torch's in the last bits (README, Speed).
-    """
-    def linear_layers(net):
-        return [(layer.weight.detach().cpu().numpy().T, layer.bias.detach().cpu().numpy())
-                for layer in net if isinstance(layer, nn.Linear)]
-
-    def forward(layers, x):
-        for weight, bias in layers[:-1]:
-            x = np.tanh(x @ weight + bias)
-        weight, bias = layers[-1]
-        return x @ weight + bias
-
-    actor, critic = linear_layers(agent.actor_mean), linear_layers(agent.critic)
-    log_std = agent.actor_logstd.detach().cpu().numpy()
-
-    def act(obs, noise):
-        action = forward(actor, obs) + np.exp(log_std) * noise
-        log_prob = (-0.5 * noise ** 2 - log_std - LOG_SQRT_2PI).sum(-1)  # = gaussian_log_prob(action, ...)
-        return action, log_prob, forward(critic, obs)[:, 0]
-
-    return act
-
-
 def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
     torch.nn.init.orthogonal_(layer.weight, std)
     torch.nn.init.constant_(layer.bias, bias_const)
@@ -213,6 +223,58 @@ def mlp(in_size, hidden_sizes, out_size, last_layer_std):
         layers += [layer_init(nn.Linear(size, hidden)), nn.Tanh()]
         size = hidden
     return nn.Sequential(*layers, layer_init(nn.Linear(size, out_size), std=last_layer_std))
+
+
+def numpy_mlp(net):
+    """`net` (an `mlp`) as a numpy function of a batch, sharing its weights (views, no copy).
+
+    On a CPU a numpy forward of a small MLP costs a fraction of a torch call, which otherwise costs more than the
+    env step itself. Float rounding differs from torch's in the last bits (README, Speed).
+    """
+    modules = list(net)
+    expected = [nn.Linear, nn.Tanh] * (len(modules) // 2) + [nn.Linear]
+    if [type(module) for module in modules] != expected:
+        raise TypeError(f"numpy_mlp mirrors Linear/Tanh MLPs only, got {[type(m).__name__ for m in modules]}: "
+                        f"update it together with `mlp`")
+    layers = [(layer.weight.detach().cpu().numpy().T, layer.bias.detach().cpu().numpy()) for layer in modules[::2]]
+
+    def forward(x):
+        for weight, bias in layers[:-1]:
+            x = np.tanh(x @ weight + bias)
+        weight, bias = layers[-1]
+        return x @ weight + bias
+
+    return forward
+
+
+def numpy_policy(agent):
+    """The agent as `(obs, noise) -> (action, log_prob, value)` in numpy, for the per-step rollout: the same
+    weights and math as `get_action_and_value`, with the Gaussian noise given."""
+    actor, critic = numpy_mlp(agent.actor_mean), numpy_mlp(agent.critic)
+    log_std = agent.actor_logstd.detach().cpu().numpy()
+
+    def act(obs, noise):
+        action = actor(obs) + np.exp(log_std) * noise
+        log_prob = (-0.5 * noise ** 2 - log_std - LOG_SQRT_2PI).sum(-1)  # = gaussian_log_prob(action, ...)
+        return action, log_prob, critic(obs)[:, 0]
+
+    return act
+
+
+def deterministic_numpy_policy(agent, obs_stats, clip_obs):
+    """Raw observations -> `get_deterministic_action`, with frozen normalisation statistics (None: no
+    normalisation): the policy that evaluation scores, as numpy."""
+    actor = numpy_mlp(agent.actor_mean)
+    low, high = agent.action_low.cpu().numpy(), agent.action_high.cpu().numpy()
+    mean, var = (None, None) if obs_stats is None else (np.array(obs_stats[0]), np.array(obs_stats[1]))
+
+    def act(raw_obs):
+        obs = np.asarray(raw_obs, dtype=np.float32)
+        if mean is not None:
+            obs = normalize_observation(obs, mean, var, clip_obs)
+        return np.clip(actor(obs), low, high)
+
+    return act
 
 
 LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
@@ -246,6 +308,20 @@ def compute_gae(rewards, values, next_value, terminated, truncated, truncation_v
     for t in reversed(range(len(rewards))):
         last = advantages[t] = deltas[t] + carry[t] * last
     return advantages
+
+
+def update_rho(rho, rollout_rewards, step_size):
+    """Average-reward mode's estimate of the reward per step: the first rollout's mean, then a moving average."""
+    rollout_rho = float(np.mean(rollout_rewards))
+    return rollout_rho if rho is None else rho + step_size * (rollout_rho - rho)
+
+
+def differential_returns(advantages, values):
+    """Value targets of the average-reward mode, centred: the differential value is defined up to a constant,
+    and pinning the batch mean of the targets at zero stops it drifting. Exact for gamma = 1 without
+    terminations, where a constant offset cancels in every TD error."""
+    returns = advantages + values
+    return returns - returns.mean()
 
 
 def policy_loss(new_log_prob, old_log_prob, advantages, clip_coef):
@@ -310,6 +386,892 @@ def minibatch_update(agent, optimizers, clip_groups, args, minibatch):
     return parts
 
 
+def learning_rate_factor(schedule, global_step, total_timesteps, rollouts_done, decay_rate):
+    """The factor applied to the base learning rates for the rollout that starts at `global_step`.
+
+    Linear decays with the steps done, so a resumed run continues the same line; exponential decays by
+    `decay_rate` per rollout done.
+    """
+    if schedule == "linear":
+        return max(1.0 - global_step / total_timesteps, 0.0)
+    if schedule == "exponential":
+        return decay_rate ** rollouts_done
+    return 1.0
+
+
+def explained_variance(predicted, actual):
+    var_actual = np.var(actual)
+    return np.nan if var_actual == 0 else 1 - np.var(actual - predicted) / var_actual
+
+
+def normalize_observation(obs, mean, var, clip):
+    """What every observation goes through before the networks see it (gymnasium's formula)."""
+    return np.clip((obs - mean) / np.sqrt(var + 1e-8), -clip, clip).astype(np.float32)
+
+
+def average_lta_return(episode_returns, episode_lengths):
+    """The avg LTA return: the mean over ended episodes of return per step."""
+    return float(np.mean(episode_returns / episode_lengths))
+
+
+def mean_confidence_interval(values, confidence=0.95):
+    """The mean of independent measurements and the half-width of its Student-t confidence interval."""
+    values = np.asarray(values, dtype=np.float64)
+    sem = values.std(ddof=1) / math.sqrt(len(values))
+    return float(values.mean()), float(scipy.stats.t.ppf(0.5 + confidence / 2, len(values) - 1) * sem)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Environments and the evaluation protocol
+# ---------------------------------------------------------------------------------------------------------------
+
+class TimeScaledReward(gym.vector.VectorWrapper):
+    """`--time-scaled`: the reward at step t of each episode is divided by t (t = 1, 2, ...)."""
+
+    def reset(self, **kwargs):
+        self.episode_step = np.zeros(self.num_envs)
+        return self.env.reset(**kwargs)
+
+    def step(self, actions):
+        obs, reward, terminated, truncated, info = self.env.step(actions)
+        self.episode_step += 1
+        reward = reward / self.episode_step
+        self.episode_step[terminated | truncated] = 0
+        return obs, reward, terminated, truncated, info
+
+
+def check_env(env_id, env_kwargs):
+    """Make one env and take one step, so a bad id, bad kwargs or an env failing at its first step is one line.
+
+    Returns what the trainer needs to know of it: observation size, action space, the env's own time limit,
+    whether it declares itself continuing, and whether it has a native vector implementation.
+    """
+    try:
+        env = gym.make(env_id, **env_kwargs)
+    except gym.error.Error as error:
+        raise TrainError(f"cannot make env '{env_id}': {error}") from None
+    except ModuleNotFoundError as error:
+        raise TrainError(f"cannot make env '{env_id}': {error} (the part before ':' must be an importable "
+                         f"module)") from None
+    except (TypeError, ValueError) as error:
+        raise TrainError(f"cannot make env '{env_id}' with --env-kwargs {json.dumps(env_kwargs)}: {error}") from None
+    if not isinstance(env.action_space, gym.spaces.Box):
+        raise TrainError(f"env '{env_id}' has action space {env.action_space}: only continuous (Box) action "
+                         f"spaces are supported")
+    if not isinstance(env.observation_space, gym.spaces.Box) or len(env.observation_space.shape) != 1:
+        raise TrainError(f"env '{env_id}' has observation space {env.observation_space}: only flat Box "
+                         f"observations are supported")
+    try:
+        env.reset(seed=0)
+        env.step(env.action_space.sample())
+    except Exception as error:
+        raise TrainError(f"env '{env_id}' with --env-kwargs {json.dumps(env_kwargs)} fails at its first step "
+                         f"({type(error).__name__}: {error})") from None
+    finally:
+        env.close()
+    return {"obs_size": env.observation_space.shape[0], "action_space": env.action_space,
+            "time_limit": env.spec.max_episode_steps, "continuing": bool(env.metadata.get("continuing", False)),
+            "native_vector": env.spec.vector_entry_point is not None}
+
+
+def make_vector_env(env_id, env_kwargs, num_envs, max_episode_steps, native_vector, async_envs=False):
+    """`num_envs` copies with SAME_STEP autoreset (so `final_obs` is the true final observation): the env's own
+    vector implementation when it has one (all copies in one call), else one env per copy."""
+    if native_vector and not async_envs:
+        envs = gym.make_vec(env_id, num_envs, "vector_entry_point", max_episode_steps=max_episode_steps,
+                            **env_kwargs)
+    else:
+        envs = gym.make_vec(env_id, num_envs, "async" if async_envs else "sync", max_episode_steps=max_episode_steps,
+                            vector_kwargs={"autoreset_mode": AutoresetMode.SAME_STEP}, **env_kwargs)
+    if envs.metadata.get("autoreset_mode") != AutoresetMode.SAME_STEP:
+        envs.close()
+        raise TrainError(f"env '{env_id}' does not autoreset in SAME_STEP mode (gymnasium {gym.__version__}): "
+                         f"the truncation bootstrap needs it; use gymnasium 1.1 or later")
+    return envs
+
+
+def make_training_envs(args, env_kwargs, env_info):
+    """The training vector env: raw episode statistics first, then the reward transformations, and action
+    clipping last so the agent's raw sample is stored."""
+    envs = make_vector_env(args.env_id, env_kwargs, args.num_envs, args.reset_steps, env_info["native_vector"],
+                           args.async_envs)
+    envs = gym.wrappers.vector.RecordEpisodeStatistics(envs)
+    reward_normalizer = None
+    if args.time_scaled:
+        envs = TimeScaledReward(envs)
+    if args.moving_average:
+        # An undiscounted running return has no stationary scale, so the scaler discounts at 0.99 when gamma = 1.
+        envs = reward_normalizer = gym.wrappers.vector.NormalizeReward(envs, gamma=args.gamma if args.gamma < 1
+                                                                       else 0.99)
+        envs = gym.wrappers.vector.ClipReward(envs, -args.clip_reward, args.clip_reward)
+    return gym.wrappers.vector.ClipAction(envs), reward_normalizer
+
+
+CONTINUING_EVAL_DEFAULTS = {"episodes": 128, "horizon": 20_000, "warmup": 2_500}
+EPISODIC_EVAL_EPISODES = 10
+
+
+def evaluation_protocol(args, env_info):
+    """How every candidate of this problem instance is scored: the same for all runs, whatever their training
+    options (`--reset-steps`, `--num-envs`), so scores are comparable and the registry can rank them."""
+    continuing = env_info["continuing"] if args.eval_continuing is None else args.eval_continuing
+    if continuing:
+        defaults = CONTINUING_EVAL_DEFAULTS
+    else:
+        if args.eval_warmup:
+            raise TrainError("--eval-warmup applies to continuing tasks only: add --eval-continuing to score "
+                             "this env as one")
+        defaults = {"episodes": EPISODIC_EVAL_EPISODES, "horizon": env_info["time_limit"], "warmup": 0}
+    protocol = {"kind": "continuing" if continuing else "episodic",
+                "episodes": args.eval_episodes or defaults["episodes"],
+                "horizon": args.eval_horizon or defaults["horizon"],
+                "warmup": defaults["warmup"] if args.eval_warmup is None else args.eval_warmup,
+                "seed": args.eval_seed}
+    if protocol["horizon"] is None:
+        raise TrainError(f"env '{args.env_id}' has no time limit, so evaluation episodes would never end: "
+                         f"give --eval-horizon")
+    if protocol["episodes"] < 2:
+        raise TrainError(f"--eval-episodes must be at least 2 for a confidence interval, got {protocol['episodes']}")
+    return protocol
+
+
+def evaluate(policy, env_id, env_kwargs, protocol, native_vector):
+    """Score a deterministic policy (raw observations -> actions) under `protocol`, in raw reward units.
+
+    Copy i of `episodes` copies starts from seed `seed + i` (the same streams for every candidate: common random
+    numbers), runs `warmup` steps that are discarded, then is scored over at most `horizon` steps: its LTA
+    return is its reward per scored step, until its episode ends (episodic) or over the whole horizon
+    (continuing). The copies are independent, so the t-interval across them is the 95% confidence interval.
+    """
+    copies, warmup, length = protocol["episodes"], protocol["warmup"], protocol["warmup"] + protocol["horizon"]
+    envs = make_vector_env(env_id, env_kwargs, copies, length, native_vector)
+    try:
+        obs, _ = envs.reset(seed=protocol["seed"])
+        returns, lengths, ended = np.zeros(copies), np.zeros(copies), np.zeros(copies, dtype=bool)
+        for step in range(length):
+            obs, reward, terminated, truncated, _ = envs.step(policy(obs))
+            if protocol["kind"] == "continuing" and terminated.any():
+                raise TrainError(f"env '{env_id}' terminated an episode, so it is not a continuing task: "
+                                 f"evaluate it with --no-eval-continuing")
+            if step >= warmup:
+                returns += np.where(ended, 0.0, reward)
+                lengths += ~ended
+            ended |= terminated | truncated
+            if ended.all():
+                break
+    finally:
+        envs.close()
+    mean, half_width = mean_confidence_interval(returns / lengths)
+    return {"mean": mean, "half_width": half_width, "episodes": copies, "protocol": protocol}
+
+
+def format_score(evaluation):
+    return f"{evaluation['mean']:.6g} +- {evaluation['half_width']:.3g}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------------------------
+
+def rms_state(rms):
+    return None if rms is None else {"mean": torch.as_tensor(rms.mean), "var": torch.as_tensor(rms.var),
+                                     "count": float(rms.count)}
+
+
+def load_rms_state(rms, state):
+    rms.mean, rms.var, rms.count = state["mean"].numpy().copy(), state["var"].numpy().copy(), state["count"]
+
+
+def make_checkpoint(run, evaluation=None):
+    """Everything needed to use or resume the agent; plain types only, so `torch.load(weights_only=True)` works.
+    `args` are the options as given (defaults not yet filled in), so a resumed run can change one of them."""
+    reward_rms = None if run.reward_normalizer is None else rms_state(run.reward_normalizer.return_rms)
+    return {
+        "agent": run.agent.state_dict(),
+        "obs_size": run.agent.actor_mean[0].in_features,
+        "action_size": run.agent.actor_logstd.shape[1],
+        "obs_rms": rms_state(run.obs_rms),
+        "reward_rms": reward_rms,
+        "optimizers": [optimizer.state_dict() for optimizer in run.optimizers],
+        "args": {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(run.given).items()},
+        "instance": run.instance,
+        "score": None if evaluation is None else evaluation["mean"],
+        "half_width": None if evaluation is None else evaluation["half_width"],
+        "protocol": run.protocol,
+        "global_step": run.counters["global_step"],
+        "counters": {**run.counters, "rho": run.rho},
+    }
+
+
+CHECKPOINT_KEYS = ("agent", "obs_size", "action_size", "obs_rms", "reward_rms", "optimizers", "args", "counters")
+
+
+def read_checkpoint(path):
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as error:
+        raise TrainError(f"cannot read checkpoint '{path}': {str(error).splitlines()[0]}") from None
+    if not isinstance(checkpoint, dict) or not all(key in checkpoint for key in CHECKPOINT_KEYS):
+        raise TrainError(f"'{path}' is not a checkpoint of ppo_continuous.py (it lacks the keys "
+                         f"{', '.join(CHECKPOINT_KEYS)})")
+    return checkpoint
+
+
+def load_agent_weights(agent, checkpoint, path):
+    try:
+        agent.load_state_dict(checkpoint["agent"])
+    except RuntimeError as error:
+        raise TrainError(f"checkpoint '{path}' does not fit the agent ({str(error).splitlines()[0]} "
+                         f"{str(error).splitlines()[-1].strip()})") from None
+
+
+def agent_from_checkpoint(checkpoint, path):
+    agent = Agent(checkpoint["obs_size"], checkpoint["action_size"], tuple(checkpoint["args"]["hidden_sizes"]))
+    load_agent_weights(agent, checkpoint, path)
+    return agent
+
+
+def observation_stats(checkpoint):
+    """The frozen (mean, var) of the checkpoint's observation normalisation, or None without it."""
+    stats = checkpoint["obs_rms"]
+    return None if stats is None else (stats["mean"].numpy(), stats["var"].numpy())
+
+
+def load_checkpoint(path):
+    """Returns `(agent, normalize_obs)`: the agent in eval mode and its observation normalisation.
+
+    `agent.get_deterministic_action(normalize_obs(raw_obs))` is the policy exactly as it was at training time.
+    Raises TrainError for a file that is not a readable checkpoint.
+    """
+    checkpoint = read_checkpoint(path)
+    stats, clip = observation_stats(checkpoint), checkpoint["args"]["clip_obs"]
+
+    def normalize_obs(obs):
+        obs = np.asarray(obs, dtype=np.float32)
+        return torch.as_tensor(obs if stats is None else normalize_observation(obs, *stats, clip))
+
+    return agent_from_checkpoint(checkpoint, path).eval(), normalize_obs
+
+
+def evaluate_checkpoint(args):
+    """`--eval-only`: score a checkpoint under the evaluation protocol of its problem instance (its options are
+    the defaults, see `cli_args`), print it and optionally write it as JSON."""
+    args, env_kwargs = resolved_args(args)
+    checkpoint = read_checkpoint(args.eval_only)
+    env_info = check_env(args.env_id, env_kwargs)
+    protocol = evaluation_protocol(args, env_info)
+    agent = agent_from_checkpoint(checkpoint, args.eval_only)
+    policy = deterministic_numpy_policy(agent, observation_stats(checkpoint), checkpoint["args"]["clip_obs"])
+    start = time.perf_counter()
+    evaluation = evaluate(policy, args.env_id, env_kwargs, protocol, env_info["native_vector"])
+    say(f"{args.eval_only} (instance {checkpoint.get('instance')}, step {checkpoint['global_step']}): LTA return "
+        f"{format_score(evaluation)} (95% CI over {evaluation['episodes']} episodes; protocol {json.dumps(protocol)}; "
+        f"{time.perf_counter() - start:.1f} s)")
+    if args.eval_json:
+        Path(args.eval_json).write_text(json.dumps({"checkpoint": str(args.eval_only), **evaluation}, indent=2))
+    return evaluation
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The training loop
+# ---------------------------------------------------------------------------------------------------------------
+
+def train(args, on_evaluation=None):
+    """Train a PPO agent; returns a summary dict (run_dir, best and final evaluations, counters, timing).
+
+    `on_evaluation(global_step, evaluation)` is called after each evaluation; returning True stops the run.
+    Raises TrainError on bad options. Changes global state only while it runs (see README, Library use).
+    """
+    given = args
+    args, env_kwargs = resolved_args(args)
+    with global_state(args), stop_signals() as stop:
+        run = Run(given, args, env_kwargs)
+        agent, counters, envs, writer = run.agent, run.counters, run.envs, run.writer
+        batch_size = args.num_envs * args.num_steps
+        minibatch_size = batch_size // args.num_minibatches
+        update = (compiled_minibatch_update(agent, run.optimizers, run.clip_groups, args, minibatch_size)
+                  if args.compile else functools.partial(minibatch_update, agent, run.optimizers, run.clip_groups, args))
+        buffers = {name: np.zeros((args.num_steps, args.num_envs, *shape), dtype=dtype) for name, shape, dtype in [
+            ("obs", (run.obs_size,), np.float32), ("actions", (run.action_size,), np.float32),
+            ("logprobs", (), np.float32), ("rewards", (), np.float32), ("values", (), np.float32),
+            ("terminated", (), bool), ("truncated", (), bool), ("truncation_values", (), np.float32)]}
+        next_obs = run.reset_envs()
+        try:
+            while counters["global_step"] + batch_size <= args.total_timesteps and not run.stopped(stop):
+                run.begin_rollout()
+
+                # COLLECT ROLLOUT
+                policy = numpy_policy(agent)
+                for step in range(args.num_steps):
+                    counters["global_step"] += args.num_envs
+                    buffers["obs"][step] = next_obs
+                    # torch's generator draws the noise: the random stream `get_action_and_value` would use.
+                    action, logprob, value = policy(next_obs, torch.randn(args.num_envs, run.action_size).numpy())
+                    buffers["actions"][step], buffers["logprobs"][step], buffers["values"][step] = action, logprob, value
+                    raw_obs, reward, terminated, truncated, infos = envs.step(action)
+                    buffers["rewards"][step], buffers["terminated"][step], buffers["truncated"][step] = (
+                        reward, terminated, truncated)
+                    next_obs = run.observe(raw_obs)
+                    if args.bootstrap_truncation and (truncated & ~terminated).any():
+                        buffers["truncation_values"][step] = run.truncation_values(infos, truncated & ~terminated)
+                    if "_episode" in infos:
+                        run.episodes_ended(infos)
+                    if stop["requested"]:
+                        break
+                if stop["requested"]:
+                    break
+                run.end_rollout(buffers, on_evaluation)  # may evaluate the agent that collected the rollout
+
+                # COMPUTE THE ADVANTAGES, BOOTSTRAPPING WHERE TRAJECTORIES DID NOT END WITH TERMINATION
+                with torch.inference_mode():
+                    next_value = agent.get_value(torch.from_numpy(next_obs).to(run.device)).squeeze(-1).cpu().numpy()
+                rewards = buffers["rewards"]
+                if args.average_reward:
+                    run.rho = update_rho(run.rho, rewards, args.rho_step_size)
+                    rewards = rewards - run.rho
+                terminated = buffers["terminated"] | (~args.bootstrap_truncation & buffers["truncated"])
+                advantages = compute_gae(rewards, buffers["values"], next_value, terminated, buffers["truncated"],
+                                         buffers["truncation_values"], args.gamma, args.gae_lambda)
+                returns = (differential_returns(advantages, buffers["values"]) if args.average_reward
+                           else advantages + buffers["values"])
+
+                # LEARNING PHASE: update_epochs passes over the batch, in shuffled minibatches
+                batch = tuple(torch.from_numpy(array.reshape(batch_size, *array.shape[2:])).to(run.device) for array in
+                              (buffers["obs"], buffers["actions"], buffers["logprobs"], advantages, returns,
+                               buffers["values"]))
+                ratios = []
+                for epoch in range(args.update_epochs):
+                    # Shuffling once per epoch and slicing gives the same random minibatches with one gather.
+                    permutation = torch.randperm(batch_size, device=run.device)
+                    shuffled = [tensor[permutation] for tensor in batch]
+                    for start in range(0, batch_size, minibatch_size):
+                        losses = update(tuple(tensor[start:start + minibatch_size] for tensor in shuffled))
+                        counters["minibatch_updates"] += 1
+                        ratios.append(losses[-1])
+                        if stop["requested"]:  # a long learning phase still stops within a minibatch
+                            break
+                    counters["updates"] += 1
+                    approx_kl = ((losses[-1] - 1) - losses[-1].log()).mean()  # the epoch's last minibatch, as CleanRL
+                    if stop["requested"] or (args.target_kl is not None and approx_kl > args.target_kl):
+                        break
+
+                # LOG
+                run.log_update(losses, ratios, buffers["values"], returns)
+                run.save_latest()
+            return run.finish(interrupted=stop["requested"])
+        finally:
+            run.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What the loop delegates: a run's state, episodes ending, evaluating candidates, logging and saving
+# ---------------------------------------------------------------------------------------------------------------
+
+class Run:
+    """The state of one training run and the bookkeeping the training loop hands over to it."""
+
+    def __init__(self, given, args, env_kwargs):
+        self.given, self.args, self.env_kwargs = given, args, env_kwargs
+        self.device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+        self.env_info = check_env(args.env_id, env_kwargs)
+        self.obs_size, self.action_size = self.env_info["obs_size"], self.env_info["action_space"].shape[0]
+        self.protocol = evaluation_protocol(args, self.env_info)
+        self.instance = instance_key(args.env_id, env_kwargs, args.problem_instance)
+        self.better = (lambda a, b: a < b) if args.lower_is_better else (lambda a, b: a > b)
+        self.saver = open_registry(args, self.instance, self.protocol)
+        resumed = read_checkpoint(args.resume) if args.resume else None
+
+        space = self.env_info["action_space"]
+        self.agent = Agent(self.obs_size, self.action_size, args.hidden_sizes, space.low, space.high).to(self.device)
+        self.optimizers, self.clip_groups = make_optimizers(self.agent, args)
+        self.base_lrs = [[group["lr"] for group in optimizer.param_groups] for optimizer in self.optimizers]
+        self.obs_rms = RunningMeanStd(shape=(self.obs_size,)) if args.norm_obs else None
+        self.counters = {"global_step": 0, "rollouts": 0, "resets": 0, "updates": 0, "minibatch_updates": 0,
+                         "evaluations": 0}
+        self.rho = None
+        if resumed is not None:
+            self.restore(resumed)
+        if self.counters["global_step"] + args.num_envs * args.num_steps > args.total_timesteps:
+            raise TrainError(f"nothing to train: step {self.counters['global_step']} + one rollout "
+                             f"({args.num_envs * args.num_steps} steps) exceeds --total-timesteps "
+                             f"{args.total_timesteps}: raise it")
+        with signals_ignored():  # env subprocesses (--async-envs) ignore Ctrl-C and SIGTERM: this process stops them
+            self.envs, self.reward_normalizer = make_training_envs(args, env_kwargs, self.env_info)
+        if resumed is not None and self.reward_normalizer is not None and resumed["reward_rms"] is not None:
+            # The scale statistics carry over; the running returns of episodes that no longer exist do not.
+            load_rms_state(self.reward_normalizer.return_rms, resumed["reward_rms"])
+        self.run_dir = unique_run_dir(self.instance, args)
+        self.writer = open_writer(self.run_dir, given, args)
+        say(f"run: {self.run_dir}  instance: {self.instance}  device: {self.device}")
+        say(f"evaluation protocol: {json.dumps(self.protocol)}")
+
+        batch_size = args.num_envs * args.num_steps
+        self.final_step = self.counters["global_step"] + (
+            (args.total_timesteps - self.counters["global_step"]) // batch_size) * batch_size
+        self.eval_every = args.eval_every or max(args.total_timesteps // 20, batch_size)
+        self.start_step, self.start_time = self.counters["global_step"], time.time()
+        self.last_eval_step, self.rollouts_seen = self.start_step, 0
+        self.latest_lta, self.best_training_lta, self.nominated = math.nan, math.nan, False
+        self.best, self.evals_since_best, self.stopped_early, self.stopped_by_callback = None, 0, False, False
+        self.timing = {"rollout_seconds": 0.0, "update_seconds": 0.0, "eval_seconds": 0.0}
+        self.stats, self.phase_start = {}, time.perf_counter()
+        self.progress = Progress(self.final_step, self.counters["global_step"])
+
+    def restore(self, checkpoint):
+        """Continue from `--resume`: weights, optimizer state, observation statistics, counters and rho."""
+        path, saved = self.args.resume, checkpoint["args"]
+        for name in ("hidden_sizes", "norm_obs", "shared_optimizer"):
+            before, now = saved[name], getattr(self.args, name)
+            if (list(before) if name == "hidden_sizes" else before) != (list(now) if name == "hidden_sizes" else now):
+                raise TrainError(f"--{name.replace('_', '-')} cannot change on resume: '{path}' was trained with "
+                                 f"{before}, this run asks for {now}")
+        if (checkpoint["obs_size"], checkpoint["action_size"]) != (self.obs_size, self.action_size):
+            raise TrainError(f"checkpoint '{path}' has observation/action sizes {checkpoint['obs_size']}/"
+                             f"{checkpoint['action_size']}, but env '{self.args.env_id}' has "
+                             f"{self.obs_size}/{self.action_size}")
+        load_agent_weights(self.agent, checkpoint, path)
+        for optimizer, state in zip(self.optimizers, checkpoint["optimizers"]):
+            optimizer.load_state_dict(state)
+        if self.obs_rms is not None:
+            load_rms_state(self.obs_rms, checkpoint["obs_rms"])
+        self.counters.update({name: checkpoint["counters"].get(name, 0) for name in self.counters})
+        self.rho = checkpoint["counters"].get("rho")
+        say(f"resumed from {path} at step {self.counters['global_step']}")
+
+    def reset_envs(self):
+        raw_obs, _ = self.envs.reset(seed=self.args.seed)
+        return self.observe(raw_obs)
+
+    def observe(self, raw_obs):
+        """Update the running observation statistics and normalise with them."""
+        if self.obs_rms is None:
+            return raw_obs.astype(np.float32)
+        self.obs_rms.update(raw_obs)
+        return normalize_observation(raw_obs, self.obs_rms.mean, self.obs_rms.var, self.args.clip_obs)
+
+    def truncation_values(self, infos, bootstrap):
+        """V(true final observation) of the envs whose episodes were cut by the time limit (0 elsewhere)."""
+        if "final_obs" not in infos:
+            raise RuntimeError("a truncation came without infos['final_obs']: this gymnasium's SAME_STEP "
+                               "autoreset differs from the one this trainer was written for (gymnasium 1.x)")
+        final_obs = np.stack(infos["final_obs"][bootstrap]).astype(np.float32)
+        if self.obs_rms is not None:
+            final_obs = normalize_observation(final_obs, self.obs_rms.mean, self.obs_rms.var, self.args.clip_obs)
+        values = np.zeros(self.args.num_envs, dtype=np.float32)
+        with torch.inference_mode():
+            values[bootstrap] = self.agent.get_value(torch.from_numpy(final_obs).to(self.device)).squeeze(-1).cpu()
+        return values
+
+    def episodes_ended(self, infos):
+        """Log the avg LTA return of the episodes that just ended; a new best of this run nominates the agent
+        for evaluation (the measurement itself is too noisy to rank checkpoints by)."""
+        ended, step = infos["_episode"], self.counters["global_step"]
+        self.counters["resets"] += int(ended.sum())
+        returns, lengths = infos["episode"]["r"][ended], infos["episode"]["l"][ended]
+        self.latest_lta = average_lta_return(returns, lengths)
+        self.writer.add_scalar("charts/episodic_return", returns.mean(), step)
+        self.writer.add_scalar("charts/episodic_length", lengths.mean(), step)
+        self.writer.add_scalar("charts/avg_LTA_return", self.latest_lta, step)
+        if math.isfinite(self.latest_lta) and (math.isnan(self.best_training_lta)
+                                               or self.better(self.latest_lta, self.best_training_lta)):
+            self.best_training_lta, self.nominated = self.latest_lta, True
+            self.writer.add_scalar("charts/best_LTA_return", self.best_training_lta, step)
+
+    def begin_rollout(self):
+        """Set this rollout's learning rates (the schedule is a function of the steps done)."""
+        args = self.args
+        factor = learning_rate_factor(args.lr_schedule, self.counters["global_step"], args.total_timesteps,
+                                      self.counters["rollouts"], args.lr_decay_rate)
+        for optimizer, lrs in zip(self.optimizers, self.base_lrs):
+            for group, lr in zip(optimizer.param_groups, lrs):
+                group["lr"] = lr * factor
+        self.lr_factor, self.phase_start = factor, time.perf_counter()
+
+    def end_rollout(self, buffers, on_evaluation):
+        """Checks that need a rollout to see, then the evaluation of the agent that collected it, if one is due:
+        every `eval_every` steps, or half as often as that for a nominated agent."""
+        args, self.rollouts_seen = self.args, self.rollouts_seen + 1
+        self.counters["rollouts"] += 1
+        self.timing["rollout_seconds"] += time.perf_counter() - self.phase_start
+        if args.average_reward and buffers["terminated"].any():
+            raise TrainError(f"--average-reward is for continuing tasks, but env '{args.env_id}' terminated an "
+                             f"episode: train it in the discounted mode")
+        if self.rollouts_seen == 1 and args.gamma == 1 and not args.average_reward and not buffers["terminated"].any():
+            warn("gamma = 1 in the discounted mode, and no episode has terminated: on a task without terminations "
+                 "the values grow without bound; use --average-reward or a gamma below 1")
+        if self.rollouts_seen == 3 and self.counters["resets"] == 0 and (args.reset_steps or
+                                                                         self.env_info["time_limit"]) is None:
+            warn(f"no episode has ended after {self.counters['global_step']} steps: the env has no time limit, so "
+                 f"no LTA return is measured in training (set --reset-steps); periodic evaluations still run")
+        since = self.counters["global_step"] - self.last_eval_step
+        if since >= self.eval_every or (self.nominated and 2 * since >= self.eval_every):
+            self.evaluate_candidate(on_evaluation)
+        self.phase_start = time.perf_counter()
+
+    def evaluate_candidate(self, on_evaluation=None):
+        """Score the current agent under the protocol; it enters best.pt and the registry by this score only."""
+        step, start = self.counters["global_step"], time.perf_counter()
+        policy = deterministic_numpy_policy(self.agent, None if self.obs_rms is None else
+                                            (self.obs_rms.mean, self.obs_rms.var), self.args.clip_obs)
+        evaluation = evaluate(policy, self.args.env_id, self.env_kwargs, self.protocol, self.env_info["native_vector"])
+        self.timing["eval_seconds"] += time.perf_counter() - start
+        self.counters["evaluations"] += 1
+        self.nominated, self.last_eval_step = False, step
+        mean, half_width = evaluation["mean"], evaluation["half_width"]
+        for tag, value in [("eval/LTA_return", mean), ("eval/LTA_return_ci_low", mean - half_width),
+                           ("eval/LTA_return_ci_high", mean + half_width), ("eval/LTA_return_half_width", half_width),
+                           ("perf/eval_seconds", self.timing["eval_seconds"])]:
+            self.writer.add_scalar(tag, value, step)
+        if self.best is None or self.better(mean, self.best["mean"]):
+            self.best, self.evals_since_best = evaluation, 0
+            save_atomic(make_checkpoint(self, evaluation), self.run_dir / "best.pt")
+            self.writer.add_scalar("eval/best_LTA_return", mean, step)
+        else:
+            self.evals_since_best += 1
+        try:
+            self.saver.submit(mean, lambda: make_checkpoint(self, evaluation), self.run_dir.name, step, half_width)
+        except RegistryError as error:
+            raise TrainError(str(error)) from None
+        if on_evaluation is not None and on_evaluation(step, evaluation):
+            self.stopped_by_callback = True
+        patience = self.args.early_stop_patience
+        if patience and self.counters["updates"] > 0 and self.evals_since_best >= patience:
+            self.stopped_early = True
+        return evaluation
+
+    def stopped(self, stop):
+        return stop["requested"] or self.stopped_early or self.stopped_by_callback
+
+    def log_update(self, losses, ratios, values, returns):
+        """TensorBoard scalars of this rollout's learning phase, and the progress bar."""
+        self.timing["update_seconds"] += time.perf_counter() - self.phase_start
+        pg_loss, v_loss, entropy_loss, ratio = losses
+        step, logratio = self.counters["global_step"], ratio.log()
+        values, returns = values.reshape(-1), returns.reshape(-1)
+        sps = (step - self.start_step) / max(time.time() - self.start_time, 1e-9)
+        self.stats = {
+            "charts/learning_rate": self.optimizers[0].param_groups[0]["lr"],
+            "charts/actor_learning_rate": self.args.actor_lr * self.lr_factor,
+            "charts/critic_learning_rate": self.args.critic_lr * self.lr_factor,
+            "charts/SPS": sps,
+            "perf/rollout_seconds": self.timing["rollout_seconds"],
+            "perf/update_seconds": self.timing["update_seconds"],
+            "losses/value_loss": v_loss.item(),
+            "losses/policy_loss": pg_loss.item(),
+            "losses/entropy": entropy_loss.item(),
+            "losses/old_approx_kl": (-logratio).mean().item(),
+            "losses/approx_kl": ((ratio - 1) - logratio).mean().item(),
+            "losses/clipfrac": ((torch.cat(ratios) - 1.0).abs() > self.args.clip_coef).float().mean().item(),
+            "losses/explained_variance": explained_variance(values, returns),
+            "values/mean_abs_error": float(np.abs(returns - values).mean()),
+            "values/returns_variance": float(np.var(returns)),
+            **{f"counters/{name}": value for name, value in self.counters.items() if name != "global_step"},
+        }
+        if self.args.average_reward:
+            self.stats["charts/rho"] = self.rho
+        for tag, value in self.stats.items():
+            self.writer.add_scalar(tag, value, step)
+        self.progress.update(step, sps, self.latest_lta, math.nan if self.best is None else self.best["mean"])
+
+    def save_latest(self):
+        every = self.args.save_latest_every
+        if every and self.rollouts_seen % every == 0:
+            save_atomic(make_checkpoint(self), self.run_dir / "latest.pt")
+
+    def finish(self, interrupted):
+        """Evaluate the last agent (unless interrupted, to stop at once), save final.pt with its own score,
+        print where the run ended and return the summary."""
+        self.progress.close()
+        final = None if interrupted or self.counters["updates"] == 0 else self.evaluate_candidate()
+        save_atomic(make_checkpoint(self, final), self.run_dir / "final.pt")
+        reason = ("interrupted" if interrupted else "early stop" if self.stopped_early
+                  else "stopped by on_evaluation" if self.stopped_by_callback else "done")
+        say(f"{reason}: step {self.counters['global_step']}/{self.final_step}; "
+            f"{self.counters['evaluations']} evaluations in {self.timing['eval_seconds']:.1f} s")
+        for name, evaluation in (("best.pt", self.best), ("final.pt", final)):
+            if evaluation is not None:
+                say(f"{name}: LTA return {format_score(evaluation)} (95% CI over {evaluation['episodes']} "
+                    f"{self.protocol['kind']} episodes)")
+        say(f"saved in {self.run_dir}")
+        return {"run_dir": self.run_dir, "instance": self.instance, "protocol": self.protocol, "best": self.best,
+                "final": final, "agent": self.agent, "obs_rms": self.obs_rms, "counters": self.counters,
+                "stats": self.stats, "timing": self.timing, "interrupted": interrupted,
+                "stopped_early": self.stopped_early}
+
+    def close(self):
+        self.progress.close()
+        self.envs.close()
+        self.writer.close()
+        if self.args.track:
+            import wandb
+            wandb.finish()
+
+
+def open_registry(args, instance, protocol):
+    """The instance's registry, checked up front: a registry ranked by another protocol or the other way round
+    is refused before anything is trained."""
+    try:
+        saver = CheckpointSaver(args.checkpoint_dir, instance, top_k=args.top_k, lower_is_better=args.lower_is_better,
+                                protocol=protocol)
+        saver.check()
+        probe = saver.folder / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except RegistryError as error:
+        raise TrainError(str(error)) from None
+    except OSError as error:
+        raise TrainError(f"cannot write checkpoints under --checkpoint-dir '{args.checkpoint_dir}' "
+                         f"({error.strerror or error}): give a writable folder") from None
+    return saver
+
+
+def unique_run_dir(instance, args):
+    name = f"{instance}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir, suffix = Path("runs") / name, 1
+    while run_dir.exists():
+        run_dir, suffix = Path("runs") / f"{name}-{suffix}", suffix + 1
+    try:
+        run_dir.mkdir(parents=True)
+    except OSError as error:
+        raise TrainError(f"cannot create the run folder '{run_dir}' ({error.strerror or error}): run from a "
+                         f"writable directory") from None
+    return run_dir
+
+
+def open_writer(run_dir, given, args):
+    """TensorBoard, and with --track Weights & Biases mirroring it (as CleanRL does)."""
+    if args.track:
+        try:
+            import wandb
+        except ImportError:
+            raise TrainError("--track needs the wandb package: pip install -r requirements.txt") from None
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                   config=asdict(args), name=run_dir.name, dir=str(run_dir), save_code=True)
+    writer = SummaryWriter(str(run_dir))
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(
+        f"|{key}|{value}|" for key, value in asdict(given).items()))
+    return writer
+
+
+class Progress:
+    """A live progress bar on a terminal; plain lines every ~5% of the run otherwise (logs, CI)."""
+
+    def __init__(self, total, start):
+        self.total, self.is_terminal, self.last_line, self.bar = total, sys.stdout.isatty(), -1, None
+        if self.is_terminal:
+            self.bar = RichProgress(TextColumn("steps"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                                    TextColumn("{task.fields[stats]}"))
+            self.task = self.bar.add_task("train", total=total, completed=start, stats="")
+            self.bar.start()
+
+    def update(self, step, sps, lta, best):
+        stats = f"SPS {sps:.0f}  LTA {lta:.4g}  best eval {best:.4g}"
+        if self.bar is not None:
+            self.bar.update(self.task, completed=step, stats=stats)
+        elif step * 20 // max(self.total, 1) > self.last_line:
+            self.last_line = step * 20 // max(self.total, 1)
+            say(f"step {step}/{self.total}  {stats}")
+
+    def close(self):
+        """Stop the live bar, which also shows the terminal's cursor again (safe to call twice)."""
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
+
+
+def say(message):
+    """Print a line; if the reader has gone (`| head`), keep training quietly instead of failing."""
+    try:
+        print(message, flush=True)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+def warn(message):
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def global_state(args):
+    """Seed the global random generators and set torch's threads for the run; restore all of it afterwards."""
+    saved = (random.getstate(), np.random.get_state(), torch.get_rng_state(), torch.get_num_threads(),
+             torch.backends.cudnn.deterministic)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    torch.set_num_threads(args.num_threads)
+    try:
+        yield
+    finally:
+        random.setstate(saved[0])
+        np.random.set_state(saved[1])
+        torch.set_rng_state(saved[2])
+        torch.set_num_threads(saved[3])
+        torch.backends.cudnn.deterministic = saved[4]
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def stop_signals():
+    """Ctrl-C or SIGTERM asks the loop to stop at the end of the current step or minibatch; a second one
+    interrupts at once. The previous handlers come back afterwards. (Signals reach the main thread only.)"""
+    stop = {"requested": False}
+
+    def handler(signum, frame):
+        if stop["requested"]:
+            raise KeyboardInterrupt
+        stop["requested"] = True
+        warn("stopping at the end of this step (press Ctrl-C again to interrupt)")
+
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = {signum: signal.signal(signum, handler) for signum in STOP_SIGNALS} if in_main_thread else {}
+    try:
+        yield stop
+    finally:
+        for signum, old_handler in previous.items():
+            signal.signal(signum, old_handler)
+
+
+@contextlib.contextmanager
+def signals_ignored():
+    """Ignore the stop signals for a moment, e.g. while subprocesses that inherit the setting are started."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, old_handler in previous.items():
+            signal.signal(signum, old_handler)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Options: defaults that depend on other options, checks, and the command line
+# ---------------------------------------------------------------------------------------------------------------
+
+def resolved_args(args):
+    """A copy of `args` with the defaults that depend on other options filled in, and the env kwargs; raises
+    TrainError for options that cannot work."""
+    gamma = args.gamma if args.gamma is not None else 1.0 if args.average_reward else 0.99
+    resolved = dataclasses.replace(
+        args, gamma=gamma, lr_schedule=args.lr_schedule or ("linear" if args.anneal_lr else "constant"),
+        actor_lr=args.learning_rate if args.actor_lr is None else args.actor_lr,
+        critic_lr=args.learning_rate if args.critic_lr is None else args.critic_lr,
+        hidden_sizes=tuple(args.hidden_sizes))
+    option = lambda name: f"--{name.replace('_', '-')}"  # noqa: E731
+    for name in ["total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs", "num_threads",
+                 "learning_rate", "actor_lr", "critic_lr", "clip_coef", "clip_reward", "clip_obs", "top_k"]:
+        if not getattr(resolved, name) > 0:
+            raise TrainError(f"{option(name)} must be positive, got {getattr(resolved, name)}")
+    for name in ["reset_steps", "max_grad_norm", "target_kl", "early_stop_patience", "eval_episodes",
+                 "eval_horizon", "eval_every"]:
+        if getattr(resolved, name) is not None and not getattr(resolved, name) > 0:
+            raise TrainError(f"{option(name)} must be positive (or None), got {getattr(resolved, name)}")
+    for name in ["eval_warmup", "save_latest_every"]:
+        if getattr(resolved, name) is not None and getattr(resolved, name) < 0:
+            raise TrainError(f"{option(name)} must be zero or positive, got {getattr(resolved, name)}")
+    for name in ["gamma", "gae_lambda"]:
+        if not 0 <= getattr(resolved, name) <= 1:
+            raise TrainError(f"{option(name)} must be in [0, 1], got {getattr(resolved, name)}")
+    for name in ["rho_step_size", "lr_decay_rate"]:
+        if not 0 < getattr(resolved, name) <= 1:
+            raise TrainError(f"{option(name)} must be in (0, 1], got {getattr(resolved, name)}")
+    if resolved.average_reward and resolved.gamma != 1:
+        raise TrainError(f"--average-reward needs --gamma 1 (got {resolved.gamma}): centring the differential values "
+                         f"is exact only without discounting")
+    if not resolved.hidden_sizes or min(resolved.hidden_sizes) <= 0:
+        raise TrainError(f"--hidden-sizes must be one or more positive sizes, got {resolved.hidden_sizes}")
+    batch_size = resolved.num_envs * resolved.num_steps
+    if batch_size % resolved.num_minibatches:
+        raise TrainError(f"the batch (--num-envs {resolved.num_envs} x --num-steps {resolved.num_steps} = "
+                         f"{batch_size}) is not divisible by --num-minibatches {resolved.num_minibatches}: "
+                         f"choose sizes that divide it")
+    if resolved.eval_only and resolved.resume:
+        raise TrainError("--eval-only and --resume exclude each other: give one")
+    compiler = os.environ.get("CXX", {"darwin": "clang++", "win32": "cl"}.get(sys.platform, "g++"))  # inductor's
+    on_cpu = not (resolved.cuda and torch.cuda.is_available())
+    if resolved.compile and on_cpu and not resolved.eval_only and shutil.which(compiler) is None:
+        raise TrainError(f"--compile needs a C++ compiler and '{compiler}' was not found: install one (or set CXX), "
+                         f"or train without --compile")
+    try:
+        env_kwargs = json.loads(resolved.env_kwargs)
+    except json.JSONDecodeError as error:
+        raise TrainError(f"--env-kwargs is not valid JSON ({error}): give an object such as '{{\"key\": 1}}'") from None
+    if not isinstance(env_kwargs, dict):
+        raise TrainError(f"--env-kwargs must be a JSON object such as '{{\"key\": 1}}', got {resolved.env_kwargs}")
+    return resolved, env_kwargs
+
+
+HELP_GROUPS = {"exp_name": "run", "env_id": "env", "total_timesteps": "rollout", "learning_rate": "ppo_update",
+               "eval_episodes": "evaluation", "problem_instance": "checkpoints"}
+NOT_INHERITED = ("resume", "eval_only", "eval_json")
+
+
+def args_from_checkpoint(path):
+    """The options a checkpoint was trained with, as the defaults of a run that resumes or evaluates it."""
+    saved = read_checkpoint(path)["args"]
+    known = {field.name for field in dataclasses.fields(Args)} - set(NOT_INHERITED)
+    values = {name: tuple(value) if isinstance(value, list) else value for name, value in saved.items()
+              if name in known}
+    return Args(**values)
+
+
+def field_docs(cls):
+    """The docstring under each field of a dataclass, read from its source (what tyro shows as help)."""
+    body = ast.parse(inspect.getsource(cls)).body[0].body
+    return {node.target.id: after.value.value for node, after in zip(body, body[1:])
+            if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)}
+
+
+def cli_args(argv=None):
+    """`Args` from the command line, with `--help` in groups (the flags stay flat). With `--resume PATH` or
+    `--eval-only PATH` the checkpoint's options are the defaults, so only what changes needs repeating."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    defaults = Args()
+    for flag in ("--resume", "--eval-only"):
+        for i, word in enumerate(argv):
+            path = argv[i + 1] if word == flag and i + 1 < len(argv) else word.partition("=")[2] \
+                if word.startswith(flag + "=") else None
+            if path:
+                defaults = args_from_checkpoint(path)
+    docs, groups, group = field_docs(Args), {}, None
+    for field in dataclasses.fields(Args):
+        group = HELP_GROUPS.get(field.name, group)
+        # A default written in the help text replaces tyro's "(default: None)": one default per option.
+        hint = {"help_behavior_hint": ""} if "(default:" in docs[field.name] else {}
+        groups.setdefault(group, []).append((field.name, Annotated[field.type, tyro.conf.arg(help=docs[field.name],
+                                             **hint)], dataclasses.field(default=getattr(defaults, field.name))))
+    sections = {name: dataclasses.make_dataclass(name, fields) for name, fields in groups.items()}
+    view = dataclasses.make_dataclass("Options", [(name, section, dataclasses.field(default_factory=section))
+                                                  for name, section in sections.items()])
+    options = tyro.cli(view, args=argv, description=__doc__.split("\n\n")[0], config=(tyro.conf.OmitArgPrefixes,))
+    return Args(**{name: value for section in sections for name, value in vars(getattr(options, section)).items()})
+
+
+def main(argv=None):
+    try:
+        args = cli_args(argv)
+        if args.eval_only:
+            evaluate_checkpoint(args)
+            return 0
+        summary = train(args)
+    except TrainError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before training started (while compiling, say)
+        print("interrupted: files already saved are intact (they are written atomically)", file=sys.stderr)
+        return 130
+    return 130 if summary["interrupted"] else 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Optional: the compiled minibatch update (--compile)
+# ---------------------------------------------------------------------------------------------------------------
+
 def compiled_minibatch_update(agent, optimizers, clip_groups, args, minibatch_size):
     """`minibatch_update` as one graph compiled by torch.compile (--compile); returns `update(minibatch) -> parts`.
 
@@ -319,6 +1281,9 @@ def compiled_minibatch_update(agent, optimizers, clip_groups, args, minibatch_si
     fused kernels round differently in the last bits. Compiles now, on copies, so a failure stops the run up front.
     """
     for optimizer in optimizers:
+        if type(optimizer) is not torch.optim.Adam or any(group["amsgrad"] for group in optimizer.param_groups):
+            raise TypeError("compiled_minibatch_update mirrors torch.optim.Adam without amsgrad: update it together "
+                            "with make_optimizers")
         for group in optimizer.param_groups:
             for param in group["params"]:
                 if not optimizer.state[param]:  # Adam creates its state on its first step: the same state, now
@@ -347,7 +1312,6 @@ def compiled_minibatch_update(agent, optimizers, clip_groups, args, minibatch_si
                 for i in positions:
                     grads[i] = grads[i] * scale
         for group, positions, lr in zip(groups, group_positions, lrs):
-            # make_optimizers' Adam has no amsgrad (whose extra state this does not create).
             functional_adam(*(pick(tensors, positions) for tensors in (params, grads, exp_avgs, exp_avg_sqs)), [],
                             pick(steps, positions), foreach=False, amsgrad=False, lr=lr, beta1=group["betas"][0],
                             beta2=group["betas"][1], weight_decay=group["weight_decay"], eps=group["eps"],
@@ -368,11 +1332,13 @@ def compiled_minibatch_update(agent, optimizers, clip_groups, args, minibatch_si
     obs_size, action_size = agent.critic[0].in_features, agent.actor_logstd.shape[1]
     example = [torch.zeros(minibatch_size, *shape, device=params[0].device)
                for shape in ((obs_size,), (action_size,), (), (), (), ())]
+    start = time.perf_counter()
     try:
         compiled(*copies, tuple(example))
     except Exception as error:
         first_line = next(iter(str(error).strip().splitlines()), "")
-        fail(f"--compile failed ({type(error).__name__}: {first_line}): train without --compile")
+        raise TrainError(f"--compile failed ({type(error).__name__}: {first_line}): train without --compile") from None
+    say(f"compiled the minibatch update in {time.perf_counter() - start:.1f} s")
 
     def compiled_update(minibatch):
         for lr, group in zip(lrs, groups):
@@ -382,572 +1348,5 @@ def compiled_minibatch_update(agent, optimizers, clip_groups, args, minibatch_si
     return compiled_update
 
 
-def explained_variance(predicted, actual):
-    var_actual = np.var(actual)
-    return np.nan if var_actual == 0 else 1 - np.var(actual - predicted) / var_actual
-
-
-def learning_rate_factor(schedule, iteration, num_iterations, decay_rate):
-    """The factor applied to the base learning rates at rollout `iteration` (1-based)."""
-    if schedule == "linear":
-        return 1.0 - (iteration - 1.0) / num_iterations
-    if schedule == "exponential":
-        return decay_rate ** (iteration - 1)
-    return 1.0
-
-
-def normalize_observation(obs, mean, var, clip):
-    """What every observation goes through before the networks see it (gymnasium's formula)."""
-    return np.clip((obs - mean) / np.sqrt(var + 1e-8), -clip, clip).astype(np.float32)
-
-
-def average_lta_return(episode_returns, episode_lengths):
-    """The seed's avg LTA return: the mean over ended episodes of return per step."""
-    return float(np.mean(episode_returns / episode_lengths))
-
-
-def fail(message):
-    """Bad input: one line on stderr, exit status 2, no traceback."""
-    print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(2)
-
-
-def resolve_args(args):
-    """Fill the defaults that depend on other options and reject what cannot work."""
-    if args.gamma is None:
-        args.gamma = 1.0 if args.average_reward else 0.99
-    if args.lr_schedule is None:
-        args.lr_schedule = "linear" if args.anneal_lr else "constant"
-    args.actor_lr = args.learning_rate if args.actor_lr is None else args.actor_lr
-    args.critic_lr = args.learning_rate if args.critic_lr is None else args.critic_lr
-    positive = ["total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs", "num_threads",
-                "learning_rate", "actor_lr", "critic_lr", "clip_coef", "clip_reward", "clip_obs", "top_k"]
-    for name in positive:
-        if not getattr(args, name) > 0:
-            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    for name in ["reset_steps", "max_grad_norm", "target_kl", "early_stop_patience"]:
-        if getattr(args, name) is not None and not getattr(args, name) > 0:
-            fail(f"--{name.replace('_', '-')} must be positive (or None), got {getattr(args, name)}")
-    for name in ["gamma", "gae_lambda"]:
-        if not 0 <= getattr(args, name) <= 1:
-            fail(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
-    for name in ["rho_step_size", "lr_decay_rate"]:
-        if not 0 < getattr(args, name) <= 1:
-            fail(f"--{name.replace('_', '-')} must be in (0, 1], got {getattr(args, name)}")
-    if args.eval_episodes < 0:
-        fail(f"--eval-episodes must be zero or positive, got {args.eval_episodes}")
-    if not args.hidden_sizes or min(args.hidden_sizes) <= 0:
-        fail(f"--hidden-sizes must be one or more positive sizes, got {args.hidden_sizes}")
-    batch_size = args.num_envs * args.num_steps
-    if batch_size % args.num_minibatches:
-        fail(f"the batch (--num-envs {args.num_envs} x --num-steps {args.num_steps} = {batch_size}) "
-             f"is not divisible by --num-minibatches {args.num_minibatches}: choose sizes that divide it")
-    if args.total_timesteps < batch_size and not args.eval_only:
-        fail(f"--total-timesteps {args.total_timesteps} is less than one rollout "
-             f"(--num-envs x --num-steps = {batch_size}): raise it or shorten the rollout")
-    if args.eval_only and args.resume:
-        fail("--eval-only and --resume exclude each other: give one")
-    compiler = os.environ.get("CXX", {"darwin": "clang++", "win32": "cl"}.get(sys.platform, "g++"))  # inductor's
-    on_cpu = not (args.cuda and torch.cuda.is_available())
-    if args.compile and on_cpu and not args.eval_only and shutil.which(compiler) is None:
-        fail(f"--compile needs a C++ compiler and '{compiler}' was not found: install one (or set CXX), "
-             f"or train without --compile")
-    try:
-        env_kwargs = json.loads(args.env_kwargs)
-    except json.JSONDecodeError as error:
-        fail(f"--env-kwargs is not valid JSON ({error}): give an object such as '{{\"key\": 1}}'")
-    if not isinstance(env_kwargs, dict):
-        fail(f"--env-kwargs must be a JSON object such as '{{\"key\": 1}}', got {args.env_kwargs}")
-    return env_kwargs
-
-
-class TimeScaledReward(gym.vector.VectorWrapper):
-    """The seed's `time_scaled`: the reward at step t of each episode is divided by t (t = 1, 2, ...)."""
-
-    def reset(self, **kwargs):
-        self.episode_step = np.zeros(self.num_envs)
-        return self.env.reset(**kwargs)
-
-    def step(self, actions):
-        obs, reward, terminated, truncated, info = self.env.step(actions)
-        self.episode_step += 1
-        reward = reward / self.episode_step
-        self.episode_step[terminated | truncated] = 0
-        return obs, reward, terminated, truncated, info
-
-
-def make_env_fn(env_id, env_kwargs, reset_steps):
-    return lambda: gym.make(env_id, max_episode_steps=reset_steps, **env_kwargs)
-
-
-def check_env(env_id, env_kwargs, reset_steps):
-    """Make one env to turn a bad id, bad kwargs or a non-Box action space into a one-line error.
-
-    Returns the observation size, the action space and the episode time limit (None if there is none).
-    """
-    try:
-        env = make_env_fn(env_id, env_kwargs, reset_steps)()
-    except gym.error.Error as error:
-        fail(f"cannot make env '{env_id}': {error}")
-    except ModuleNotFoundError as error:
-        fail(f"cannot make env '{env_id}': {error} (the part before ':' must be an importable module)")
-    except (TypeError, ValueError) as error:
-        fail(f"cannot make env '{env_id}' with --env-kwargs {json.dumps(env_kwargs)}: {error}")
-    obs_space, action_space, time_limit = env.observation_space, env.action_space, env.spec.max_episode_steps
-    env.close()
-    if not isinstance(action_space, gym.spaces.Box):
-        fail(f"env '{env_id}' has action space {action_space}: only continuous (Box) action spaces are supported")
-    if not isinstance(obs_space, gym.spaces.Box) or len(obs_space.shape) != 1:
-        fail(f"env '{env_id}' has observation space {obs_space}: only flat Box observations are supported")
-    return obs_space.shape[0], action_space, time_limit
-
-
-def make_envs(args, env_kwargs, num_envs, train=True):
-    """The vector env: SAME_STEP autoreset (so `final_obs` is real), raw episode statistics first, then the
-    reward transformations (training only), and action clipping last so the agent's raw sample is stored."""
-    env_fns = [make_env_fn(args.env_id, env_kwargs, args.reset_steps) for _ in range(num_envs)]
-    vector_env_class = gym.vector.AsyncVectorEnv if args.async_envs else gym.vector.SyncVectorEnv
-    envs = vector_env_class(env_fns, autoreset_mode=AutoresetMode.SAME_STEP)
-    envs = gym.wrappers.vector.RecordEpisodeStatistics(envs)
-    reward_normalizer = None
-    if train and args.time_scaled:
-        envs = TimeScaledReward(envs)
-    if train and args.moving_average:
-        # An undiscounted running return has no stationary scale, so the scaler discounts at 0.99 when gamma = 1.
-        envs = reward_normalizer = gym.wrappers.vector.NormalizeReward(envs, gamma=min(args.gamma, 0.99))
-        envs = gym.wrappers.vector.ClipReward(envs, -args.clip_reward, args.clip_reward)
-    envs = gym.wrappers.vector.ClipAction(envs)
-    return envs, reward_normalizer
-
-
-def rms_state(rms):
-    return None if rms is None else {"mean": torch.as_tensor(rms.mean), "var": torch.as_tensor(rms.var),
-                                     "count": float(rms.count)}
-
-
-def load_rms_state(rms, state):
-    rms.mean, rms.var, rms.count = state["mean"].numpy().copy(), state["var"].numpy().copy(), state["count"]
-
-
-def make_checkpoint(agent, obs_rms, reward_normalizer, optimizers, args, counters, instance, score=None):
-    """Everything needed to use or resume the agent; plain types only, so `torch.load(weights_only=True)` works."""
-    reward_state = None
-    if reward_normalizer is not None:
-        reward_state = {**rms_state(reward_normalizer.return_rms),
-                        "accumulated_reward": torch.as_tensor(reward_normalizer.accumulated_reward)}
-    return {
-        "agent": agent.state_dict(),
-        "obs_size": agent.actor_mean[0].in_features,
-        "action_size": agent.actor_logstd.shape[1],
-        "obs_rms": rms_state(obs_rms),
-        "reward_rms": reward_state,
-        "optimizers": [optimizer.state_dict() for optimizer in optimizers],
-        "args": {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(args).items()},
-        "instance": instance,
-        "score": score,
-        "global_step": counters["global_step"],
-        "iteration": counters["rollouts"],
-        "counters": dict(counters),
-    }
-
-
-CHECKPOINT_KEYS = ("agent", "obs_size", "action_size", "obs_rms", "reward_rms", "optimizers", "args", "counters")
-
-
-def read_checkpoint(path):
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as error:
-        fail(f"cannot read checkpoint '{path}': {str(error).splitlines()[0]}")
-    if not isinstance(checkpoint, dict) or not all(key in checkpoint for key in CHECKPOINT_KEYS):
-        fail(f"'{path}' is not a checkpoint of ppo_continuous.py (it lacks the keys {', '.join(CHECKPOINT_KEYS)})")
-    return checkpoint
-
-
-def agent_from_checkpoint(checkpoint):
-    agent = Agent(checkpoint["obs_size"], checkpoint["action_size"], tuple(checkpoint["args"]["hidden_sizes"]))
-    agent.load_state_dict(checkpoint["agent"])
-    return agent
-
-
-def observation_normalizer(checkpoint):
-    """A function from raw observations to the agent's input tensor, with the checkpoint's frozen statistics."""
-    stats, clip = checkpoint["obs_rms"], checkpoint["args"]["clip_obs"]
-    if stats is None:
-        return lambda obs: torch.as_tensor(np.asarray(obs, dtype=np.float32))
-    mean, var = stats["mean"].numpy(), stats["var"].numpy()
-    return lambda obs: torch.as_tensor(normalize_observation(np.asarray(obs), mean, var, clip))
-
-
-def load_checkpoint(path):
-    """Returns `(agent, normalize_obs)`: the agent in eval mode and its observation normalisation.
-
-    `agent.get_deterministic_action(normalize_obs(raw_obs))` is the policy exactly as it was at training time.
-    """
-    checkpoint = read_checkpoint(path)
-    return agent_from_checkpoint(checkpoint).eval(), observation_normalizer(checkpoint)
-
-
-def evaluate(agent, normalize_obs, args, env_kwargs, num_episodes, seed, device):
-    """Raw returns and lengths of `num_episodes` episodes (one per env) with the deterministic action."""
-    envs, _ = make_envs(args, env_kwargs, num_episodes, train=False)
-    obs, _ = envs.reset(seed=seed)
-    returns, lengths = np.full(num_episodes, np.nan), np.zeros(num_episodes)
-    with torch.inference_mode():
-        while np.isnan(returns).any():
-            action = agent.get_deterministic_action(normalize_obs(obs).to(device)).cpu().numpy()
-            obs, _, _, _, infos = envs.step(action)
-            if "_episode" in infos:
-                first_end = infos["_episode"] & np.isnan(returns)
-                returns[first_end] = infos["episode"]["r"][first_end]
-                lengths[first_end] = infos["episode"]["l"][first_end]
-    envs.close()
-    return returns, lengths
-
-
-def report_evaluation(returns, lengths, writer=None, global_step=0):
-    lta = average_lta_return(returns, lengths)
-    if writer is not None:
-        writer.add_scalar("eval/episodic_return", returns.mean(), global_step)
-        writer.add_scalar("eval/LTA_return", lta, global_step)
-    print(f"eval: {len(returns)} episodes, episodic return {returns.mean():.4g} +- {returns.std():.3g}, "
-          f"LTA return {lta:.6g}")
-    return lta
-
-
-def unique_run_dir(args):
-    name = f"{args.env_id.replace(':', '_').replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir, suffix = Path("runs") / name, 1
-    while run_dir.exists():
-        run_dir, suffix = Path("runs") / f"{name}-{suffix}", suffix + 1
-    run_dir.mkdir(parents=True)
-    return run_dir
-
-
-class Progress:
-    """A live progress bar on a terminal; plain lines every ~5% of the run otherwise (logs, CI)."""
-
-    def __init__(self, total, start):
-        self.total, self.is_terminal, self.last_line = total, sys.stdout.isatty(), -1
-        if self.is_terminal:
-            self.bar = RichProgress(TextColumn("steps"), BarColumn(), MofNCompleteColumn(),
-                                              TimeRemainingColumn(), TextColumn("{task.fields[stats]}"))
-            self.task = self.bar.add_task("train", total=total, completed=start, stats="")
-            self.bar.start()
-
-    def update(self, step, sps, lta, best):
-        stats = f"SPS {sps:.0f}  LTA {lta:.4g}  best {best:.4g}"
-        if self.is_terminal:
-            self.bar.update(self.task, completed=step, stats=stats)
-        elif step * 20 // self.total > self.last_line:
-            self.last_line = step * 20 // self.total
-            print(f"step {step}/{self.total}  {stats}", flush=True)
-
-    def close(self):
-        if self.is_terminal:
-            self.bar.stop()
-
-
-def install_stop_handler():
-    """Ctrl-C (or SIGTERM) asks the loop to stop at the end of the current step; a second one interrupts."""
-    stop = {"requested": False}
-
-    def handler(signum, frame):
-        if stop["requested"]:
-            raise KeyboardInterrupt
-        stop["requested"] = True
-        print("\nstopping at the end of this step (press Ctrl-C again to interrupt)", file=sys.stderr)
-
-    signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGTERM, handler)
-    return stop
-
-
-def seed_everything(seed, torch_deterministic):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    torch.backends.cudnn.deterministic = torch_deterministic
-
-
-def run_evaluation_only(args, device):
-    """Evaluate `args.eval_only` on the env and env kwargs it was trained on."""
-    checkpoint = read_checkpoint(args.eval_only)
-    saved = checkpoint["args"]
-    args.env_id, args.clip_obs = saved["env_id"], saved["clip_obs"]
-    args.reset_steps = args.reset_steps or saved["reset_steps"]
-    env_kwargs = json.loads(saved["env_kwargs"])
-    _, _, time_limit = check_env(args.env_id, env_kwargs, args.reset_steps)
-    if time_limit is None:
-        fail(f"env '{args.env_id}' has no time limit, so evaluation episodes never end: set --reset-steps")
-    agent = agent_from_checkpoint(checkpoint).to(device).eval()
-    print(f"evaluating {args.eval_only} on {args.env_id} (instance {checkpoint['instance']}, "
-          f"saved at step {checkpoint['global_step']}, score {checkpoint['score']})")
-    returns, lengths = evaluate(agent, observation_normalizer(checkpoint), args, env_kwargs,
-                                max(args.eval_episodes, 1), args.seed, device)
-    return report_evaluation(returns, lengths)
-
-
-def train(args, env_kwargs):
-    """The training loop of the seed notes. Returns a summary dict (tests and benchmarks use it)."""
-    torch.set_num_threads(args.num_threads)
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    seed_everything(args.seed, args.torch_deterministic)
-    if args.eval_only:
-        return {"eval_LTA_return": run_evaluation_only(args, device)}
-    resumed = read_checkpoint(args.resume) if args.resume else None
-    if resumed is not None:
-        args.hidden_sizes = tuple(resumed["args"]["hidden_sizes"])
-    obs_size, action_space, time_limit = check_env(args.env_id, env_kwargs, args.reset_steps)
-    action_size = action_space.shape[0]
-    if resumed is not None and (resumed["obs_size"], resumed["action_size"]) != (obs_size, action_size):
-        fail(f"checkpoint '{args.resume}' has observation/action sizes {resumed['obs_size']}/"
-             f"{resumed['action_size']}, but env '{args.env_id}' has {obs_size}/{action_size}")
-    batch_size = args.num_envs * args.num_steps
-    minibatch_size = batch_size // args.num_minibatches
-    num_iterations = args.total_timesteps // batch_size
-    instance = instance_key(args.env_id, env_kwargs, args.problem_instance)
-    better = (lambda a, b: a < b) if args.lower_is_better else (lambda a, b: a > b)
-
-    saver = CheckpointSaver(args.checkpoint_dir, instance, top_k=args.top_k, lower_is_better=args.lower_is_better)
-    try:
-        saver.entries()
-    except ValueError as error:  # the instance's registry ranks the other way round
-        fail(f"{error} (--lower-is-better)")
-
-    agent = Agent(obs_size, action_size, args.hidden_sizes, action_space.low, action_space.high).to(device)
-    optimizers, clip_groups = make_optimizers(agent, args)
-    base_lrs = [[group["lr"] for group in optimizer.param_groups] for optimizer in optimizers]
-    obs_rms = RunningMeanStd(shape=(obs_size,)) if args.norm_obs else None
-    counters = {"global_step": 0, "rollouts": 0, "resets": 0, "updates": 0, "minibatch_updates": 0}
-    rho = None
-    if resumed is not None:
-        agent.load_state_dict(resumed["agent"])
-        for optimizer, state in zip(optimizers, resumed["optimizers"]):
-            optimizer.load_state_dict(state)
-        if obs_rms is not None and resumed["obs_rms"] is not None:
-            load_rms_state(obs_rms, resumed["obs_rms"])
-        counters.update({name: resumed["counters"][name] for name in counters})
-        rho = resumed["counters"].get("rho")
-        print(f"resumed from {args.resume} at step {counters['global_step']}")
-    timing = {"compile_seconds": 0.0, "rollout_seconds": 0.0, "update_seconds": 0.0}
-    if args.compile:
-        compile_start = time.perf_counter()
-        update = compiled_minibatch_update(agent, optimizers, clip_groups, args, minibatch_size)
-        timing["compile_seconds"] = time.perf_counter() - compile_start
-        print(f"compiled the minibatch update in {timing['compile_seconds']:.1f} s")
-    else:
-        update = functools.partial(minibatch_update, agent, optimizers, clip_groups, args)
-
-    # Env subprocesses ignore Ctrl-C (they inherit this while being forked): the main process stops them.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    envs, reward_normalizer = make_envs(args, env_kwargs, args.num_envs)
-    stop = install_stop_handler()
-    run_dir = unique_run_dir(args)
-    writer = SummaryWriter(str(run_dir))
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(
-        f"|{key}|{value}|" for key, value in asdict(args).items()))
-    print(f"run: {run_dir}  instance: {instance}  device: {device}")
-    if args.compile:
-        writer.add_scalar("perf/compile_seconds", timing["compile_seconds"], counters["global_step"])
-
-    def normalize(obs):
-        if obs_rms is None:
-            return obs.astype(np.float32)
-        return normalize_observation(obs, obs_rms.mean, obs_rms.var, args.clip_obs)
-
-    def checkpoint(score=None):
-        return make_checkpoint(agent, obs_rms, reward_normalizer, optimizers, args,
-                               {**counters, "rho": rho}, instance, score)
-
-    # Rollout storage lives in numpy (cheap per-step writes); torch views it without copying for the update.
-    obs_buf = np.zeros((args.num_steps, args.num_envs, obs_size), dtype=np.float32)
-    actions_buf = np.zeros((args.num_steps, args.num_envs, action_size), dtype=np.float32)
-    logprobs_buf = np.zeros((args.num_steps, args.num_envs), dtype=np.float32)
-    rewards_buf = np.zeros((args.num_steps, args.num_envs), dtype=np.float32)
-    values_buf = np.zeros((args.num_steps, args.num_envs), dtype=np.float32)
-    terminated_buf = np.zeros((args.num_steps, args.num_envs), dtype=bool)
-    truncated_buf = np.zeros((args.num_steps, args.num_envs), dtype=bool)
-    truncation_values_buf = np.zeros((args.num_steps, args.num_envs), dtype=np.float32)
-
-    raw_obs, _ = envs.reset(seed=args.seed)
-    if reward_normalizer is not None and resumed is not None and resumed["reward_rms"] is not None:
-        load_rms_state(reward_normalizer.return_rms, resumed["reward_rms"])
-        reward_normalizer.accumulated_reward[:] = resumed["reward_rms"]["accumulated_reward"].numpy()
-    if obs_rms is not None:
-        obs_rms.update(raw_obs)
-    next_obs = normalize(raw_obs)
-    start_step, start_time = counters["global_step"], time.time()
-    best_lta, latest_lta, measurements_since_best = math.nan, math.nan, 0
-    warned_no_episode, stopped_early = False, False
-    progress = Progress(num_iterations * batch_size, counters["global_step"])
-    stats = {}
-
-    for iteration in range(counters["rollouts"] + 1, num_iterations + 1):
-        rollout_start = time.perf_counter()
-        factor = learning_rate_factor(args.lr_schedule, iteration, num_iterations, args.lr_decay_rate)
-        for optimizer, lrs in zip(optimizers, base_lrs):
-            for group, lr in zip(optimizer.param_groups, lrs):
-                group["lr"] = lr * factor
-
-        # COLLECT ROLLOUT
-        policy = numpy_policy(agent)
-        for step in range(args.num_steps):
-            counters["global_step"] += args.num_envs
-            obs_buf[step] = next_obs
-            # torch's generator draws the noise, so the random stream is the one `get_action_and_value` would use.
-            action, logprob, value = policy(next_obs, torch.randn(args.num_envs, action_size).numpy())
-            actions_buf[step], logprobs_buf[step], values_buf[step] = action, logprob, value
-            raw_obs, reward, terminated, truncated, infos = envs.step(action)
-            rewards_buf[step], terminated_buf[step], truncated_buf[step] = reward, terminated, truncated
-            if obs_rms is not None:
-                obs_rms.update(raw_obs)
-            next_obs = normalize(raw_obs)
-
-            bootstrap = truncated & ~terminated
-            if args.bootstrap_truncation and bootstrap.any():
-                final_obs = normalize(np.stack(infos["final_obs"][bootstrap]))
-                with torch.inference_mode():
-                    final_values = agent.get_value(torch.from_numpy(final_obs).to(device)).squeeze(-1)
-                truncation_values_buf[step, bootstrap] = final_values.cpu().numpy()
-
-            if "_episode" in infos:
-                ended = infos["_episode"]
-                counters["resets"] += int(ended.sum())
-                episode_returns, episode_lengths = infos["episode"]["r"][ended], infos["episode"]["l"][ended]
-                latest_lta = average_lta_return(episode_returns, episode_lengths)
-                writer.add_scalar("charts/episodic_return", episode_returns.mean(), counters["global_step"])
-                writer.add_scalar("charts/episodic_length", episode_lengths.mean(), counters["global_step"])
-                writer.add_scalar("charts/avg_LTA_return", latest_lta, counters["global_step"])
-                if math.isfinite(latest_lta):
-                    saver.submit(latest_lta, checkpoint(latest_lta), run_dir.name, counters["global_step"])
-                    if math.isnan(best_lta) or better(latest_lta, best_lta):
-                        best_lta, measurements_since_best = latest_lta, 0
-                        save_atomic(checkpoint(latest_lta), run_dir / "best.pt")
-                        writer.add_scalar("charts/best_LTA_return", best_lta, counters["global_step"])
-                    else:
-                        measurements_since_best += 1
-                if args.early_stop_patience and measurements_since_best >= args.early_stop_patience:
-                    stopped_early = True
-            if stop["requested"] or stopped_early:
-                break
-        if stop["requested"] or stopped_early:
-            break
-
-        if counters["resets"] == 0 and iteration >= 3 and not warned_no_episode:
-            warned_no_episode = True
-            print(f"warning: no episode has ended after {counters['global_step']} steps, so no LTA return can be "
-                  f"measured (and no checkpoint saved): set --reset-steps to give episodes a time limit",
-                  file=sys.stderr)
-
-        update_start = time.perf_counter()
-        timing["rollout_seconds"] += update_start - rollout_start
-
-        # COMPUTE THE ADVANTAGES, BOOTSTRAPPING WHERE TRAJECTORIES DID NOT END WITH TERMINATION
-        with torch.inference_mode():
-            next_value = agent.get_value(torch.from_numpy(next_obs).to(device)).squeeze(-1).cpu().numpy()
-        rewards = rewards_buf
-        if args.average_reward:
-            rollout_rho = float(rewards_buf.mean())
-            rho = rollout_rho if rho is None else rho + args.rho_step_size * (rollout_rho - rho)
-            rewards = rewards_buf - rho
-        terminated = terminated_buf if args.bootstrap_truncation else terminated_buf | truncated_buf
-        advantages = compute_gae(rewards, values_buf, next_value, terminated, truncated_buf,
-                                 truncation_values_buf, args.gamma, args.gae_lambda)
-        returns = advantages + values_buf
-        if args.average_reward:
-            # The differential value is defined up to a constant; pinning its mean at zero stops it drifting.
-            returns = returns - returns.mean()
-
-        # PREP ROLLOUT INTO A BATCH
-        b_obs = torch.from_numpy(obs_buf.reshape(batch_size, obs_size)).to(device)
-        b_actions = torch.from_numpy(actions_buf.reshape(batch_size, action_size)).to(device)
-        b_logprobs = torch.from_numpy(logprobs_buf.reshape(batch_size)).to(device)
-        b_advantages = torch.from_numpy(advantages.reshape(batch_size)).to(device)
-        b_returns = torch.from_numpy(returns.reshape(batch_size)).to(device)
-        b_values = torch.from_numpy(values_buf.reshape(batch_size)).to(device)
-
-        # LEARNING PHASE
-        batch = (b_obs, b_actions, b_logprobs, b_advantages, b_returns, b_values)
-        ratios = []
-        for epoch in range(args.update_epochs):
-            # Shuffling once per epoch and slicing gives the same random minibatches with one gather per epoch.
-            permutation = torch.randperm(batch_size, device=device)
-            shuffled = [tensor[permutation] for tensor in batch]
-            for start in range(0, batch_size, minibatch_size):
-                minibatch = tuple(tensor[start:start + minibatch_size] for tensor in shuffled)
-                pg_loss, v_loss, entropy_loss, ratio = update(minibatch)
-                counters["minibatch_updates"] += 1
-                ratios.append(ratio)
-            counters["updates"] += 1
-            with torch.no_grad():  # the epoch's last minibatch, as CleanRL logs it and checks target_kl
-                logratio = ratio.log()
-                old_approx_kl = (-logratio).mean()
-                approx_kl = ((ratio - 1) - logratio).mean()
-            if args.target_kl is not None and approx_kl > args.target_kl:
-                break
-        counters["rollouts"] = iteration
-        timing["update_seconds"] += time.perf_counter() - update_start
-
-        # LOG
-        values_np, returns_np = values_buf.reshape(-1), returns.reshape(-1)
-        sps = (counters["global_step"] - start_step) / max(time.time() - start_time, 1e-9)
-        stats = {
-            "charts/learning_rate": optimizers[0].param_groups[0]["lr"],
-            "charts/actor_learning_rate": args.actor_lr * factor,
-            "charts/critic_learning_rate": args.critic_lr * factor,
-            "charts/SPS": sps,
-            "perf/rollout_seconds": timing["rollout_seconds"],
-            "perf/update_seconds": timing["update_seconds"],
-            "losses/value_loss": v_loss.item(),
-            "losses/policy_loss": pg_loss.item(),
-            "losses/entropy": entropy_loss.item(),
-            "losses/old_approx_kl": old_approx_kl.item(),
-            "losses/approx_kl": approx_kl.item(),
-            "losses/clipfrac": ((torch.cat(ratios) - 1.0).abs() > args.clip_coef).float().mean().item(),
-            "losses/explained_variance": explained_variance(values_np, returns_np),
-            "values/mean_abs_error": float(np.abs(returns_np - values_np).mean()),
-            "values/returns_variance": float(np.var(returns_np)),
-            **{f"counters/{name}": value for name, value in counters.items() if name != "global_step"},
-        }
-        if args.average_reward:
-            stats["charts/rho"] = rho
-        for tag, value in stats.items():
-            writer.add_scalar(tag, value, counters["global_step"])
-        progress.update(counters["global_step"], sps, latest_lta, best_lta)
-
-    progress.close()
-    envs.close()
-    save_atomic(checkpoint(best_lta if math.isfinite(best_lta) else None), run_dir / "final.pt")
-    reason = "interrupted" if stop["requested"] else "early stop" if stopped_early else "done"
-    print(f"{reason}: step {counters['global_step']}/{num_iterations * batch_size}, best LTA return {best_lta:.6g}, "
-          f"saved {run_dir / 'final.pt'}")
-    summary = {"run_dir": run_dir, "agent": agent, "obs_rms": obs_rms, "best_LTA_return": best_lta,
-               "counters": counters, "stats": stats, "timing": timing, "interrupted": stop["requested"]}
-    if not stop["requested"] and args.eval_episodes > 0:
-        if time_limit is None:
-            print("no evaluation: the env has no time limit, so episodes never end (set --reset-steps)")
-        else:
-            best_path = run_dir / "best.pt" if (run_dir / "best.pt").exists() else run_dir / "final.pt"
-            best_agent, normalize_obs = load_checkpoint(best_path)
-            returns, lengths = evaluate(best_agent.to(device), normalize_obs, args, env_kwargs,
-                                        args.eval_episodes, args.seed + 1_000_000, device)
-            summary["eval_LTA_return"] = report_evaluation(returns, lengths, writer, counters["global_step"])
-    writer.close()
-    return summary
-
-
-def main():
-    args = tyro.cli(Args)
-    env_kwargs = resolve_args(args)
-    try:
-        summary = train(args, env_kwargs)
-    except KeyboardInterrupt:  # a second Ctrl-C, or one before training started (while compiling, say)
-        print("interrupted: files already saved are intact (they are written atomically)", file=sys.stderr)
-        raise SystemExit(130)
-    if summary.get("interrupted"):
-        raise SystemExit(130)
-
-
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
