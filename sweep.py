@@ -1,0 +1,843 @@
+"""Experiments at scale on Optuna: every trial trains one run per seed x problem instance, then a report.
+
+    python sweep.py run --study-name pendulum --instance Pendulum-v1 --seeds 1 2 3 \\
+        --param learning_rate='loguniform(1e-4, 3e-3)' --param total_timesteps=100000 --n-trials 20 --workers 2
+    python sweep.py report --study-name pendulum
+
+A trial is one configuration of `ppo_continuous.Args`. Its objective is the evaluated LTA return of its runs (the
+score of each run's best.pt, from the trainer's evaluation), aggregated over all seeds and instances by the mean or
+the interquartile mean. Trials live in an Optuna study: by default a journal file under runs/sweeps/NAME/ (no
+server; safe for several processes on one machine), or a database URL (--storage postgresql://...) that workers on
+many machines share. Every run also feeds the trainer's checkpoint registry.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import json
+import logging
+import math
+import multiprocessing
+import os
+import re
+import signal
+import socket
+import sys
+import time
+import typing
+import warnings
+from collections import Counter
+from dataclasses import fields
+from pathlib import Path
+
+import numpy as np
+import optuna
+import yaml
+from optuna.trial import TrialState
+from scipy import stats
+
+from checkpoint_saver import instance_key
+from ppo_continuous import Args, TrainError, train
+
+SWEEPS_DIR = Path("runs") / "sweeps"
+CONFIG_ATTR = "sweep"
+# Options the sweep sets itself for every run: they cannot be searched over.
+RESERVED = {"env_id", "env_kwargs", "seed", "exp_name", "num_threads", "problem_instance", "eval_only", "eval_json",
+            "resume", "lower_is_better", "track", "wandb_project_name", "wandb_entity"}
+DISTRIBUTIONS = {"uniform", "loguniform", "int", "logint"}
+ARG_TYPES = typing.get_type_hints(Args)
+ARG_NAMES = {field.name for field in fields(Args)}
+# The band drawn around learning curves and the CIs of the table: 95% percentile bootstrap over seeds.
+CONFIDENCE = 0.95
+BOOTSTRAP_RESAMPLES = 2000
+# The median pruner compares a trial only once this many trials have finished.
+PRUNER_STARTUP_TRIALS = 5
+# Each run is cut into this many spans of steps; the pruner sees one value per span (see run_trial).
+PRUNING_POINTS = 20
+# Database storages: a worker that stops sending heartbeats for this long has its trial marked failed.
+HEARTBEAT_SECONDS, GRACE_SECONDS = 60, 180
+STORAGE_ATTEMPTS = 3
+
+
+class SweepError(Exception):
+    """Bad sweep input or state; the message is one line saying what to do (the CLI prints it, exit 2)."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Aggregation and interval estimates
+# ---------------------------------------------------------------------------------------------------------------
+
+def mean(scores, axis=-1):
+    return np.mean(scores, axis=axis)
+
+
+def interquartile_mean(scores, axis=-1):
+    """The mean of the middle 50% of scores: rliable's `aggregate_iqm` is this very scipy call."""
+    return stats.trim_mean(scores, 0.25, axis=axis)
+
+
+AGGREGATES = {"mean": mean, "iqm": interquartile_mean}
+
+
+def interval(samples, aggregate):
+    """The aggregate of the pooled samples and its 95% percentile-bootstrap CI (NaN with fewer than 2 per sample).
+
+    `samples` holds one array of scores per instance; each is resampled on its own (a stratified bootstrap, as
+    rliable does over tasks), so every resample keeps the sweep's design of seeds x instances.
+    """
+    samples = [np.asarray(sample, dtype=float) for sample in samples]
+    pooled = np.concatenate(samples)
+    point = float(aggregate(pooled))
+    if min(len(sample) for sample in samples) < 2:
+        return point, math.nan, math.nan
+    if np.ptp(pooled) == 0:
+        return point, point, point
+
+    def statistic(*resampled, axis=-1):
+        return aggregate(np.concatenate(resampled, axis=axis), axis=axis)
+
+    result = stats.bootstrap(samples, statistic, n_resamples=BOOTSTRAP_RESAMPLES, confidence_level=CONFIDENCE,
+                             method="percentile", rng=np.random.default_rng(0))
+    return point, float(result.confidence_interval.low), float(result.confidence_interval.high)
+
+
+def band(values, aggregate):
+    """Per column of `values` (seeds x steps): the aggregate over seeds and its 95% bootstrap CI (NaN for 1 seed)."""
+    point = aggregate(values, axis=0)
+    if len(values) < 2:
+        return point, np.full_like(point, np.nan), np.full_like(point, np.nan)
+    with warnings.catch_warnings():  # steps where every seed has the same value have a zero-width band
+        warnings.simplefilter("ignore")
+        result = stats.bootstrap((values,), aggregate, axis=0, n_resamples=BOOTSTRAP_RESAMPLES,
+                                 confidence_level=CONFIDENCE, method="percentile", rng=np.random.default_rng(0))
+    low, high = result.confidence_interval
+    flat = np.ptp(values, axis=0) == 0
+    return point, np.where(flat, point, low), np.where(flat, point, high)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The search space and the sweep's configuration
+# ---------------------------------------------------------------------------------------------------------------
+
+def parse_dimension(name, value):
+    """One search-space entry as [kind, payload]: a fixed value, a list of choices, or a distribution.
+
+    Text is read as `loguniform(lo, hi)`, `uniform(lo, hi)`, `int(lo, hi)`, `logint(lo, hi)`, a JSON list of
+    choices, a JSON value, or else a plain string; values from a YAML file may already be numbers or lists.
+    """
+    if isinstance(value, str):
+        match = re.fullmatch(r"\s*(\w+)\s*\((.*)\)\s*", value)
+        if match and match[1] in DISTRIBUTIONS:
+            kind = match[1]
+            try:
+                low, high = json.loads(f"[{match[2]}]")
+            except (json.JSONDecodeError, ValueError):
+                raise SweepError(f"parameter {name}: {value!r} needs two numbers, as in {kind}(1, 10)") from None
+            integral = kind in ("int", "logint")
+            if not all(isinstance(bound, int if integral else (int, float)) and not isinstance(bound, bool)
+                       for bound in (low, high)) or not low < high or (kind.startswith("log") and low <= 0):
+                raise SweepError(f"parameter {name}: {value!r} needs {'integers' if integral else 'numbers'} "
+                                 f"low < high{' and low > 0' if kind.startswith('log') else ''}")
+            return [kind, [low, high]]
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            return ["fixed", value]
+    if isinstance(value, list):
+        if not value or not all(choice is None or isinstance(choice, (bool, int, float, str)) for choice in value):
+            raise SweepError(f"parameter {name}: choices must be a non-empty list of numbers, strings, true/false "
+                             f"or null (write sizes as a string, e.g. hidden_sizes='[\"64 64\", \"256 256\"]')")
+        if len(set(map(json.dumps, value))) < len(value):
+            raise SweepError(f"parameter {name}: the choices {value} repeat (a fixed list of sizes is a string: "
+                             f"hidden_sizes='256 256')")
+        return ["choices", value]
+    return ["fixed", value]
+
+
+def argument_name(name):
+    """The Args field a parameter names (dashes or underscores), or SweepError."""
+    field = name.strip().lstrip("-").replace("-", "_")
+    if field not in ARG_NAMES:
+        raise SweepError(f"unknown trainer option '{name}': see `python ppo_continuous.py --help` for the options")
+    if field in RESERVED:
+        raise SweepError(f"option '{name}' is set by the sweep itself: use --instance, --seeds, --lower-is-better "
+                         f"or --track instead")
+    return field
+
+
+def coerce(name, value):
+    """`value` converted to the type of the Args field `name` (so 1 becomes 1.0 for a float, "64 64" a tuple)."""
+    hint = ARG_TYPES[name]
+    if typing.get_origin(hint) is typing.Union:  # Optional[X]
+        if value is None or value == "None":
+            return None
+        hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
+    wrong = SweepError(f"parameter {name}: {value!r} is not a valid {getattr(hint, '__name__', hint)}")
+    if typing.get_origin(hint) is tuple:
+        items = value.split() if isinstance(value, str) else value if isinstance(value, list) else None
+        try:
+            return tuple(int(item) for item in items)
+        except (TypeError, ValueError):
+            raise wrong from None
+    if typing.get_origin(hint) is typing.Literal:
+        if value not in typing.get_args(hint):
+            raise SweepError(f"parameter {name}: {value!r} is not one of {list(typing.get_args(hint))}")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise wrong
+        return value
+    if hint in (int, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (hint is int and value != int(value)):
+            raise wrong
+        return hint(value)
+    return value if isinstance(value, hint) else str(value)
+
+
+def parse_space(param_texts, space_file):
+    """The search space {field: [kind, payload]} from a YAML/JSON file, then `--param NAME=SPEC` (which win)."""
+    entries = {}
+    if space_file:
+        try:
+            loaded = yaml.safe_load(Path(space_file).read_text())
+        except (OSError, yaml.YAMLError) as error:
+            raise SweepError(f"cannot read the search space file {space_file}: {error}".replace("\n", " ")) from None
+        if not isinstance(loaded, dict):
+            raise SweepError(f"{space_file} must map option names to values, e.g. 'learning_rate: loguniform(1e-4, "
+                             f"1e-2)'")
+        entries.update(loaded)
+    for text in param_texts:
+        name, separator, spec = text.partition("=")
+        if not separator:
+            raise SweepError(f"--param {text!r} must be NAME=VALUE, e.g. --param learning_rate=3e-4")
+        entries[name] = spec
+    space = {}
+    for name, value in entries.items():
+        field = argument_name(str(name))
+        kind, payload = parse_dimension(field, value)
+        for item in payload if kind == "choices" else [payload] if kind == "fixed" else payload:
+            coerce(field, item)  # fails now, not in a trial, if a value cannot be of the option's type
+        if kind in ("int", "logint") and ARG_TYPES[field] not in (int, typing.Optional[int]):
+            raise SweepError(f"parameter {field} is not an integer option: use uniform or loguniform")
+        space[field] = [kind, payload]
+    return space
+
+
+def parse_instance(text):
+    """`ENV_ID` or `ENV_ID {json kwargs}` as [env_id, canonical kwargs JSON]."""
+    env_id, _, kwargs_text = text.strip().partition(" ")
+    try:
+        kwargs = json.loads(kwargs_text) if kwargs_text.strip() else {}
+    except json.JSONDecodeError as error:
+        raise SweepError(f"--instance {text!r}: the kwargs are not valid JSON ({error})") from None
+    if not env_id or not isinstance(kwargs, dict):
+        raise SweepError(f"--instance {text!r} must be ENV_ID or 'ENV_ID {{\"key\": value}}'")
+    return [env_id, json.dumps(kwargs, sort_keys=True)]
+
+
+def instance_label(instance):
+    env_id, kwargs = instance
+    return env_id if kwargs == "{}" else f"{env_id} {kwargs}"
+
+
+def grid_size(space):
+    return math.prod(len(payload) for kind, payload in space.values() if kind == "choices")
+
+
+def build_config(options):
+    """The study-defining configuration from the command line (stored in the study; joining workers reuse it)."""
+    space = parse_space(options.param, options.space)
+    if not options.instance:
+        raise SweepError("give at least one problem instance: --instance Pendulum-v1 (repeat for more)")
+    has_distributions = any(kind in DISTRIBUTIONS for kind, _ in space.values())
+    sampler = options.sampler or ("tpe" if has_distributions else "grid")
+    if sampler == "grid" and has_distributions:
+        raise SweepError("the grid sampler needs lists of choices only: use --sampler random or tpe for "
+                         "distributions")
+    if len(set(options.seeds or [1])) < len(options.seeds or [1]):
+        raise SweepError(f"--seeds {options.seeds} repeat a seed")
+    return {"space": space, "instances": [parse_instance(text) for text in options.instance],
+            "seeds": options.seeds or [1], "aggregate": options.aggregate or "mean", "score": options.score or "best",
+            "lower_is_better": bool(options.lower_is_better), "sampler": sampler,
+            "sampler_seed": options.sampler_seed, "pruner": options.pruner or "median"}
+
+
+def make_sampler(config, worker_index):
+    """The configured sampler; a given --sampler-seed is offset per worker so that workers propose different trials."""
+    seed = None if config["sampler_seed"] is None else config["sampler_seed"] + worker_index
+    if config["sampler"] == "grid":
+        grid = {name: payload for name, (kind, payload) in config["space"].items() if kind == "choices"}
+        return optuna.samplers.GridSampler(grid, seed=seed)
+    if config["sampler"] == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed)
+
+
+def make_pruner(config):
+    if config["pruner"] == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=PRUNER_STARTUP_TRIALS)
+    if config["pruner"] == "hyperband":
+        return optuna.pruners.HyperbandPruner()
+    return optuna.pruners.NopPruner()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Storage and study
+# ---------------------------------------------------------------------------------------------------------------
+
+def storage_location(storage, study_name):
+    """What --storage means: a database URL, a journal file path, or (default) runs/sweeps/NAME/optuna.journal."""
+    return storage or str(SWEEPS_DIR / study_name / "optuna.journal")
+
+
+def open_storage(location):
+    """A database URL opens an RDBStorage with heartbeats (a dead worker's trial is failed, not left running);
+    anything else is a journal file, which Optuna locks for safe use by several processes on one machine."""
+    if "://" in location:
+        for attempt in range(STORAGE_ATTEMPTS):
+            try:
+                return optuna.storages.RDBStorage(location, engine_kwargs={"pool_pre_ping": True},
+                                                  heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS)
+            except Exception as error:  # SQLAlchemy and driver errors have no common base worth naming
+                # Workers started together on an empty database race to create Optuna's tables: the losers
+                # fail once, then find the tables made.
+                if attempt + 1 == STORAGE_ATTEMPTS:
+                    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                    raise SweepError(f"cannot open the storage {redact(location)}: {first_line}") from None
+                time.sleep(1 + attempt)
+    Path(location).parent.mkdir(parents=True, exist_ok=True)
+    return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(location))
+
+
+def redact(url):
+    """The URL without its password, for messages."""
+    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
+
+
+def load_study(storage, study_name, location):
+    try:
+        return optuna.load_study(study_name=study_name, storage=storage)
+    except KeyError:
+        names = optuna.get_all_study_names(storage)
+        raise SweepError(f"no study '{study_name}' in {redact(location)}"
+                         f"{': it holds ' + ', '.join(names) if names else ''}; give --study-name and --storage "
+                         f"as for `sweep.py run`") from None
+
+
+def open_or_create_study(storage, study_name, location, config):
+    """The study, created with `config` if new; a given config must match the stored one (join, or resume)."""
+    if config is None:
+        study = load_study(storage, study_name, location)
+    else:
+        direction = "minimize" if config["lower_is_better"] else "maximize"
+        study = optuna.create_study(storage=storage, study_name=study_name, direction=direction, load_if_exists=True)
+        if CONFIG_ATTR not in study.user_attrs:
+            study.set_user_attr(CONFIG_ATTR, config)
+    stored = study.user_attrs.get(CONFIG_ATTR)
+    if stored is None:
+        raise SweepError(f"study '{study_name}' was not made by sweep.py: give another --study-name")
+    if config is not None and json.loads(json.dumps(config)) != stored:
+        differing = sorted(key for key in stored if json.loads(json.dumps(config.get(key))) != stored[key])
+        raise SweepError(f"study '{study_name}' exists with other settings ({', '.join(differing)}): to join or "
+                         f"resume it give only --study-name and --storage, or choose a new --study-name")
+    return study
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Running trials
+# ---------------------------------------------------------------------------------------------------------------
+
+def suggest(trial, name, kind, payload):
+    if kind == "choices":
+        return trial.suggest_categorical(name, payload)
+    if kind in ("int", "logint"):
+        return trial.suggest_int(name, *payload, log=kind == "logint")
+    return trial.suggest_float(name, *payload, log=kind == "loguniform")
+
+
+def run_trial(trial, config, study_name, tracking):
+    """Train every seed x instance of this trial's configuration; return the aggregated evaluated LTA return.
+
+    Runs go in a fixed order (seeds outer, instances inner). For the pruner, each run is cut into
+    PRUNING_POINTS equal spans of its steps; when a span has closed, the trial reports, at step
+    run_index * (PRUNING_POINTS + 1) + span, the aggregate of the finished runs' scores and the best evaluation
+    of the current run so far (its score if it stopped there). The trainer evaluates at irregular steps (a
+    promising agent is evaluated early), so reporting per span is what makes every trial report at the same
+    steps, and trials compared at one step have finished the same runs and are equally far into the next.
+    """
+    trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+    space = config["space"]
+    options = {name: payload for name, (kind, payload) in space.items() if kind == "fixed"}
+    options.update({name: suggest(trial, name, kind, payload) for name, (kind, payload) in space.items()
+                    if kind != "fixed"})
+    options = {name: coerce(name, value) for name, value in options.items()}
+    aggregate = AGGREGATES[config["aggregate"]]
+    better = min if config["lower_is_better"] else max
+    total_timesteps = options.get("total_timesteps", Args.total_timesteps)
+    instances = config["instances"]
+    runs = []
+    design = itertools.product(config["seeds"], enumerate(instances))
+    for run_index, (seed, (instance_index, (env_id, env_kwargs))) in enumerate(design):
+        suffix = f"-i{instance_index}" if len(instances) > 1 else ""
+        args = Args(**options, env_id=env_id, env_kwargs=env_kwargs, seed=seed,
+                    exp_name=f"{study_name}-t{trial.number}{suffix}", num_threads=1,
+                    lower_is_better=config["lower_is_better"], **tracking)
+        scores = [run["score"] for run in runs]
+        progress = {"best": None, "closed_spans": 0, "pruned_at": None}
+
+        def on_evaluation(global_step, evaluation):
+            span = min(PRUNING_POINTS, global_step * PRUNING_POINTS // total_timesteps)
+            if progress["best"] is not None:
+                for closed in range(progress["closed_spans"], span):
+                    trial.report(float(aggregate(np.array(scores + [progress["best"]]))),
+                                 run_index * (PRUNING_POINTS + 1) + closed)
+            progress["closed_spans"] = max(progress["closed_spans"], span)
+            progress["best"] = evaluation["mean"] if progress["best"] is None else better(progress["best"],
+                                                                                         evaluation["mean"])
+            if trial.should_prune():
+                progress["pruned_at"] = global_step
+                return True
+            return False
+
+        summary = train(args, on_evaluation=on_evaluation)
+        if progress["pruned_at"] is not None:
+            raise optuna.TrialPruned(f"in run {run_index + 1} ({instance_label(instances[instance_index])}, seed "
+                                     f"{seed}) at step {progress['pruned_at']}")
+        if summary["interrupted"]:
+            raise KeyboardInterrupt("interrupted (Ctrl-C or SIGTERM)")
+        evaluation = summary[config["score"]]
+        if evaluation is None:
+            raise SweepError(f"run {summary['run_dir']} has no evaluated score of its {config['score']}.pt: "
+                             f"give it at least one full rollout to train")
+        runs.append({"instance": instance_index, "seed": seed, "score": evaluation["mean"],
+                     "half_width": evaluation["half_width"], "episodes": evaluation["episodes"],
+                     "run_dir": str(Path(summary["run_dir"]).resolve()), "host": socket.gethostname()})
+        trial.set_user_attr("runs", runs)
+    return float(aggregate(np.array([run["score"] for run in runs])))
+
+
+def objective(trial, config, study_name, tracking):
+    """`run_trial`, with the reason of a failure kept on the trial (user attr `error`) for the report."""
+    try:
+        return run_trial(trial, config, study_name, tracking)
+    except optuna.TrialPruned:
+        raise
+    except (Exception, KeyboardInterrupt) as error:
+        trial.set_user_attr("error", f"{type(error).__name__}: {error}")
+        raise
+
+
+class ExpectedFailures(logging.Filter):
+    """Optuna logs a failed trial with its traceback; a bad option or an interruption needs only the message."""
+
+    def filter(self, record):
+        if record.exc_info and isinstance(record.exc_info[1], (TrainError, SweepError, KeyboardInterrupt)):
+            record.exc_info = None
+        return True
+
+
+def work(study_name, location, n_trials, worker_index, tracking):
+    """One worker: run trials of the study until it holds `n_trials` (finished or running) trials."""
+    for handler in logging.getLogger("optuna").handlers:  # a logger's own filters miss its children's records
+        handler.addFilter(ExpectedFailures())
+    storage = open_storage(location)
+    study = load_study(storage, study_name, location)
+    config = study.user_attrs[CONFIG_ATTR]
+    if len(study.get_trials(deepcopy=False)) >= n_trials:
+        return
+    study = optuna.load_study(study_name=study_name, storage=storage, sampler=make_sampler(config, worker_index),
+                              pruner=make_pruner(config))
+    study.optimize(lambda trial: objective(trial, config, study_name, tracking), n_trials=n_trials,
+                   catch=(Exception,), callbacks=[optuna.study.MaxTrialsCallback(n_trials, states=None)])
+
+
+def worker_main(study_name, location, n_trials, worker_index, tracking):
+    """Entry point of a worker process: one-line errors, exit 130 when interrupted."""
+    try:
+        work(study_name, location, n_trials, worker_index, tracking)
+    except SweepError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2)
+    except KeyboardInterrupt:
+        raise SystemExit(130)
+
+
+def run_workers(study_name, location, n_trials, workers, tracking):
+    """`workers` processes on this machine (Optuna's n_jobs are threads, which CPU-bound torch serialises)."""
+    if workers == 1:
+        worker_main(study_name, location, n_trials, 0, tracking)
+        return
+    for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[variable] = "1"  # one thread per worker, also for numpy, inherited by the spawned workers
+    context = multiprocessing.get_context("spawn")
+    processes = [context.Process(target=worker_main, args=(study_name, location, n_trials, index, tracking))
+                 for index in range(workers)]
+    stop = {"requested": False}
+
+    def forward(signum, frame):  # Ctrl-C reaches every worker itself; SIGTERM is passed on so they stop cleanly
+        stop["requested"] = True
+        if signum == signal.SIGTERM:
+            for process in processes:
+                if process.is_alive():
+                    process.terminate()
+
+    previous = {signum: signal.signal(signum, forward) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for process in processes:
+            process.start()
+        for process in processes:
+            process.join()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    codes = [process.exitcode for process in processes]
+    if stop["requested"] or 130 in codes:
+        raise KeyboardInterrupt
+    if any(codes):
+        raise SweepError(f"worker exit codes {codes}: see the messages above")
+
+
+def command_run(options):
+    config = None
+    given = [options.param, options.space, options.instance, options.seeds, options.aggregate, options.score,
+             options.lower_is_better, options.sampler, options.sampler_seed, options.pruner]
+    if any(value not in (None, [], False) for value in given):
+        config = build_config(options)
+    study_name = options.study_name
+    if study_name is None:
+        if config is None:
+            raise SweepError("give --study-name to join or resume a study, or --instance and --param for a new one")
+        study_name = f"{config['instances'][0][0].split(':')[-1]}-{time.strftime('%Y%m%d-%H%M%S')}"
+    check_study_name(study_name)
+    location = storage_location(options.storage, study_name)
+    storage = open_storage(location)
+    study = open_or_create_study(storage, study_name, location, config)
+    config = study.user_attrs[CONFIG_ATTR]
+    n_trials = options.n_trials
+    if n_trials is None:
+        if config["sampler"] != "grid":
+            raise SweepError(f"give --n-trials: the {config['sampler']} sampler has no natural end (it is the "
+                             f"study's total, counting trials already run)")
+        n_trials = grid_size(config["space"])
+    tracking = {"track": options.track, "wandb_project_name": options.wandb_project_name,
+                "wandb_entity": options.wandb_entity}
+    print(f"study {study_name} in {redact(location)}: up to {n_trials} trials x {len(config['seeds'])} seeds x "
+          f"{len(config['instances'])} instances, {min(options.workers, n_trials)} worker(s)", flush=True)
+    run_workers(study_name, location, n_trials, min(options.workers, n_trials), tracking)
+    counts = Counter(trial.state.name for trial in study.get_trials(deepcopy=False))
+    print(f"study {study_name}: " + ", ".join(f"{count} {state.lower()}" for state, count in sorted(counts.items())))
+    storage_option = f" --storage {redact(options.storage)}" if options.storage else ""
+    print(f"report: python sweep.py report --study-name {study_name}{storage_option}")
+
+
+def check_study_name(name):
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+        raise SweepError(f"--study-name {name!r} may hold only letters, digits, '_', '.' and '-'")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The report
+# ---------------------------------------------------------------------------------------------------------------
+
+def find_run_dir(run):
+    """The run's folder: where it was written, or runs/<name> here (after copying runs/ from another machine)."""
+    for path in (Path(run["run_dir"]), Path("runs") / Path(run["run_dir"]).name):
+        if path.is_dir():
+            return path
+    return None
+
+
+def read_curve(run_dir, tag):
+    """{global_step: value} of one TensorBoard tag of a run."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    accumulator.Reload()
+    if tag not in accumulator.Tags()["scalars"]:
+        return {}
+    return {event.step: event.value for event in accumulator.Scalars(tag)}
+
+
+def learning_curves(config, trials, tag):
+    """Per instance and trial, the aggregate over seeds of a TensorBoard tag with its 95% band; and the runs whose
+    folders are not on this machine."""
+    aggregate = AGGREGATES[config["aggregate"]]
+    curves, missing = [], []
+    for trial in trials:
+        for instance_index in range(len(config["instances"])):
+            series = []
+            for run in trial.user_attrs["runs"]:
+                if run["instance"] != instance_index:
+                    continue
+                run_dir = find_run_dir(run)
+                if run_dir is None:
+                    missing.append(run)
+                    continue
+                series.append(read_curve(run_dir, tag))
+            if not series or not all(series):
+                continue
+            # Runs are evaluated at different steps: each is interpolated linearly onto all their steps, over
+            # the span that every run covers.
+            start, end = max(min(curve) for curve in series), min(max(curve) for curve in series)
+            steps = sorted({step for curve in series for step in curve if start <= step <= end})
+            values = np.array([np.interp(steps, sorted(curve), [curve[step] for step in sorted(curve)])
+                               for curve in series])
+            point, low, high = band(values, aggregate)
+            curves.append({"instance": instance_index, "trial": trial.number, "seeds": len(series),
+                           "steps": np.array(steps), "value": point, "ci_low": low, "ci_high": high})
+    return curves, missing
+
+
+def reference_lines(instance, steps, with_optimum):
+    """For a queueing instance: each classical policy's simulated LTA return with its 95% CI and, if asked, the
+    exact optimum (relative value iteration on a truncation raised until it converges: seconds for small
+    instances, many minutes for criss-cross; skipped when the state space is too large)."""
+    env_id, kwargs = instance[0], json.loads(instance[1])
+    if not env_id.split(":")[-1].startswith("QueueNetwork") or "instance" not in kwargs:
+        return []
+    from queueing import exact
+    from queueing.baselines import POLICIES, evaluate_policy
+    from queueing.env import Network
+
+    lines = [{"name": name, **dict(zip(("value", "half_width"), evaluate_policy(kwargs["instance"], name, steps)))}
+             for name in sorted(POLICIES)]
+    if not with_optimum:
+        return lines
+    try:
+        optimum = exact.solve_until_converged(Network.from_instance(kwargs["instance"]), exact.DEFAULT_START_TRUNCATION)
+    except ValueError as error:  # too large for the exact solver: the classical policies only
+        print(f"no exact optimum for {instance_label(instance)}: {error}", file=sys.stderr)
+        return lines
+    return lines + [{"name": "optimal", "value": float(optimum.fine.lta_return), "half_width": 0.0}]
+
+
+def format_interval(value, low, high):
+    if math.isnan(low):
+        return f"{value:.5g}"
+    return f"{value:.5g} [{low:.5g}, {high:.5g}]"
+
+
+def trial_rows(study, config):
+    """One row per complete trial, best first: its parameters, objective with CI, and per-instance scores."""
+    aggregate = AGGREGATES[config["aggregate"]]
+    varied = [name for name, (kind, _) in config["space"].items() if kind != "fixed"]
+    complete = [trial for trial in study.get_trials(deepcopy=False) if trial.state == TrialState.COMPLETE]
+    complete.sort(key=lambda trial: trial.value, reverse=not config["lower_is_better"])
+    labels = [instance_label(instance) for instance in config["instances"]]
+    rows = []
+    for rank, trial in enumerate(complete, start=1):
+        runs = trial.user_attrs["runs"]
+        per_instance = [[run["score"] for run in runs if run["instance"] == index] for index in range(len(labels))]
+        _, low, high = interval(per_instance, aggregate)
+        row = {"rank": rank, "trial": trial.number, **{name: trial.params[name] for name in varied},
+               "score": trial.value, "ci_low": low, "ci_high": high, "runs": len(runs)}
+        if len(labels) > 1:
+            for label, scores in zip(labels, per_instance):
+                row[label], row[f"{label} ci_low"], row[f"{label} ci_high"] = interval([scores], aggregate)
+        rows.append(row)
+    return complete, varied, labels, rows
+
+
+def write_report(study, out_dir, top=5, tag="eval/LTA_return", baseline_steps=200_000, exact_optimum=False):
+    """Write table.md, table.csv, curves.csv, references.csv and the PNG plots; return their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from optuna.visualization import matplotlib as optuna_plots
+
+    config = study.user_attrs.get(CONFIG_ATTR)
+    if config is None:
+        raise SweepError(f"study '{study.study_name}' was not made by sweep.py")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    complete, varied, labels, rows = trial_rows(study, config)
+    trials = study.get_trials(deepcopy=False)
+    statistic = {"mean": "mean", "iqm": "interquartile mean"}[config["aggregate"]]
+    paths = {"table_csv": out_dir / "table.csv", "table_md": out_dir / "table.md", "curves_csv": out_dir / "curves.csv",
+             "references_csv": out_dir / "references.csv", "curves_png": out_dir / "learning_curves.png",
+             "history_png": out_dir / "optimization_history.png"}
+
+    header = ["rank", "trial", *varied, "score", "ci_low", "ci_high", "runs"]
+    header += [f"{label}{part}" for label in labels for part in ("", " ci_low", " ci_high")] if len(labels) > 1 else []
+    with open(paths["table_csv"], "w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=header)
+        writer.writeheader()
+        writer.writerows(rows)
+
+    best = complete[:top]
+    curves, missing = learning_curves(config, best, tag)
+    with open(paths["curves_csv"], "w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["instance", "trial", "seeds", "step", "value", "ci_low", "ci_high"])
+        for curve in curves:
+            for row in zip(curve["steps"], curve["value"], curve["ci_low"], curve["ci_high"]):
+                writer.writerow([labels[curve["instance"]], curve["trial"], curve["seeds"], *row])
+    references = [reference_lines(instance, baseline_steps, exact_optimum) for instance in config["instances"]]
+    with open(paths["references_csv"], "w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["instance", "policy", "value", "half_width"])
+        for label, lines in zip(labels, references):
+            writer.writerows([label, line["name"], line["value"], line["half_width"]] for line in lines)
+
+    params = {trial.number: ", ".join(f"{name}={trial.params[name]:.3g}" if isinstance(trial.params[name], float)
+                                      else f"{name}={trial.params[name]}" for name in varied) for trial in best}
+    figure, axes = plt.subplots(len(labels), 1, figsize=(8, 4 * len(labels)), squeeze=False)
+    for index, (axis, label, lines) in enumerate(zip(axes[:, 0], labels, references)):
+        for curve in (curve for curve in curves if curve["instance"] == index):
+            line, = axis.plot(curve["steps"], curve["value"],
+                              label=f"trial {curve['trial']}: {params[curve['trial']]}".rstrip(": "))
+            axis.fill_between(curve["steps"], curve["ci_low"], curve["ci_high"], color=line.get_color(), alpha=0.2)
+        for reference in lines:
+            style = {"color": "black", "linestyle": "--"} if reference["name"] == "optimal" else {"linestyle": ":"}
+            axis.axhline(reference["value"], label=reference["name"], **style)
+        axis.set(title=label, xlabel="environment steps", ylabel=f"{tag} ({statistic} over seeds, {CONFIDENCE:.0%} CI)")
+        axis.legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(paths["curves_png"], dpi=100)
+    plt.close(figure)
+
+    if complete:
+        optuna_plots.plot_optimization_history(study).figure.savefig(paths["history_png"], dpi=100, bbox_inches="tight")
+        if varied and all(len({trial.params[name] for trial in complete}) > 1 for name in varied):
+            paths["importances_png"] = out_dir / "param_importances.png"
+            optuna_plots.plot_param_importances(study).figure.savefig(paths["importances_png"], dpi=100,
+                                                                       bbox_inches="tight")
+        plt.close("all")
+    else:
+        del paths["history_png"]
+
+    paths["table_md"].write_text(markdown_report(study, config, trials, varied, labels, rows, top, missing, paths))
+    return paths
+
+
+def markdown_report(study, config, trials, varied, labels, rows, top, missing, paths):
+    counts = Counter(trial.state.name.lower() for trial in trials)
+    statistic = {"mean": "mean", "iqm": "interquartile mean"}[config["aggregate"]]
+    fixed = {name: payload for name, (kind, payload) in config["space"].items() if kind == "fixed"}
+    lines = [f"# Study {study.study_name}", "",
+             f"{len(trials)} trials: " + ", ".join(f"{count} {state}" for state, count in sorted(counts.items())) + ".",
+             f"Objective: the {statistic} over {len(config['seeds'])} seeds x {len(labels)} instances of each run's "
+             f"evaluated LTA return ({config['score']}.pt), {'lower' if config['lower_is_better'] else 'higher'} is "
+             f"better; intervals are {CONFIDENCE:.0%} percentile-bootstrap CIs over seeds.",
+             f"Seeds {config['seeds']}; instances: {', '.join(labels)}.",
+             f"Fixed options: {json.dumps(fixed) if fixed else 'none'}.", "",
+             f"## Best {min(top, len(rows))} configurations", ""]
+    columns = ["rank", "trial", *varied, "score", "runs"] + (labels if len(labels) > 1 else [])
+    lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows[:top]:
+        cells = [row["rank"], row["trial"], *(row[name] for name in varied),
+                 format_interval(row["score"], row["ci_low"], row["ci_high"]), row["runs"]]
+        cells += [format_interval(row[label], row[f"{label} ci_low"], row[f"{label} ci_high"])
+                  for label in labels] if len(labels) > 1 else []
+        lines.append("| " + " | ".join(f"{cell:.5g}" if isinstance(cell, float) else str(cell) for cell in cells)
+                     + " |")
+    failed = [trial for trial in trials if trial.state == TrialState.FAIL]
+    if failed:
+        lines += ["", "## Failed trials", "", "| trial | parameters | error |", "|---|---|---|"]
+        lines += [f"| {trial.number} | {json.dumps(trial.params)} | {trial.user_attrs.get('error', '?')} |"
+                  for trial in failed]
+    if missing:
+        hosts = sorted({run["host"] for run in missing})
+        lines += ["", f"{len(missing)} runs of the best trials have no folder here (trained on {', '.join(hosts)}): "
+                      f"copy their runs/ folders here to draw their curves."]
+    lines += ["", "## Files", ""] + [f"- `{path.name}`" for path in paths.values()]
+    lines += ["", "The best checkpoints per instance, over this study and every other run:", ""]
+    lines += [f"    python checkpoint_saver.py runs/checkpoints --instance "
+              f"{instance_key(env_id, json.loads(kwargs))}" for env_id, kwargs in config["instances"]]
+    return "\n".join(lines) + "\n"
+
+
+def command_report(options):
+    check_study_name(options.study_name)
+    location = storage_location(options.storage, options.study_name)
+    if "://" not in location and not Path(location).exists():
+        raise SweepError(f"no study storage at {location}: give --storage as for `sweep.py run`")
+    study = load_study(open_storage(location), options.study_name, location)
+    out_dir = options.out or SWEEPS_DIR / options.study_name / "report"
+    paths = write_report(study, out_dir, options.top, options.curve_tag, options.baseline_steps, options.exact_optimum)
+    print(Path(paths["table_md"]).read_text())
+    print(f"wrote {', '.join(str(path) for path in paths.values())}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------------------------
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(2, f"error: {message}\n")
+
+
+def positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def parser():
+    root = OneLineErrorParser(prog="python sweep.py", description=__doc__.split("\n\n")[0])
+    commands = root.add_subparsers(dest="command", required=True, parser_class=OneLineErrorParser)
+    run = commands.add_parser("run", help="run (or join, or resume) a study")
+    run.add_argument("--study-name", help="the study to create, join or resume (default: a new name)")
+    run.add_argument("--storage", help="database URL (postgresql://user:password@host/db) shared by many machines, "
+                                       "or a journal file path (default: runs/sweeps/NAME/optuna.journal)")
+    run.add_argument("--instance", action="append", default=[], metavar="'ENV_ID [JSON]'",
+                     help="a problem instance: env id, then optionally its env kwargs as JSON; repeat for several")
+    run.add_argument("--seeds", type=int, nargs="+", help="seeds of every configuration (default: 1)")
+    run.add_argument("--param", action="append", default=[], metavar="NAME=SPEC",
+                     help="a trainer option: a value (3e-4), choices ([1e-3,3e-4]) or a distribution "
+                          "(loguniform(1e-5,1e-2), uniform(a,b), int(a,b), logint(a,b)); repeat")
+    run.add_argument("--space", help="a YAML or JSON file mapping trainer options to such specs")
+    run.add_argument("--sampler", choices=["grid", "random", "tpe"],
+                     help="default: grid when the space has only choices, else tpe")
+    run.add_argument("--sampler-seed", type=int, help="seed of the sampler (offset by the worker index)")
+    run.add_argument("--n-trials", type=positive_int,
+                     help="trials in the study in total, counting earlier ones (default for grid: the grid's size)")
+    run.add_argument("--pruner", choices=["median", "hyperband", "none"],
+                     help="stop poor trials at intermediate evaluations (default: median)")
+    run.add_argument("--aggregate", choices=sorted(AGGREGATES), help="over seeds x instances (default: mean)")
+    run.add_argument("--score", choices=["best", "final"],
+                     help="each run's score: the evaluation of its best.pt (default) or final.pt")
+    run.add_argument("--lower-is-better", action="store_true", default=None, help="the LTA return is a cost")
+    run.add_argument("--workers", type=positive_int, default=1, help="trials in parallel processes on this machine")
+    run.add_argument("--track", action="store_true", help="log every run to Weights & Biases")
+    run.add_argument("--wandb-project-name", default="ppo_continuous")
+    run.add_argument("--wandb-entity")
+    report = commands.add_parser("report", help="tables and plots of a study")
+    report.add_argument("--study-name", required=True)
+    report.add_argument("--storage", help="as given to `sweep.py run`")
+    report.add_argument("--out", help="output folder (default: runs/sweeps/NAME/report)")
+    report.add_argument("--top", type=positive_int, default=5, help="configurations in the table and plots")
+    report.add_argument("--curve-tag", default="eval/LTA_return", help="TensorBoard tag of the learning curves")
+    report.add_argument("--baseline-steps", type=positive_int, default=200_000,
+                        help="simulated steps per classical policy (queueing reference lines)")
+    report.add_argument("--exact-optimum", action="store_true",
+                        help="also draw the exact optimum of queueing instances (minutes for criss-cross)")
+    return root
+
+
+def main(argv=None):
+    options = parser().parse_args(argv)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    try:
+        if options.command == "run":
+            command_run(options)
+        else:
+            command_report(options)
+    except SweepError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2)
+    except KeyboardInterrupt:
+        print("interrupted: finished trials are in the study; run the same command to resume", file=sys.stderr)
+        raise SystemExit(130)
+
+
+if __name__ == "__main__":
+    main()
