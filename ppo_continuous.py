@@ -12,6 +12,7 @@ import ast
 import contextlib
 import dataclasses
 import functools
+import importlib.util
 import inspect
 import json
 import math
@@ -33,6 +34,7 @@ import scipy.stats
 import torch
 import torch.nn as nn
 import tyro
+from threadpoolctl import threadpool_limits
 from gymnasium.vector import AutoresetMode
 from gymnasium.wrappers.utils import RunningMeanStd
 from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeRemainingColumn
@@ -137,6 +139,8 @@ class Args:
     """stop the learning phase early once the approximate KL exceeds this (default: never)"""
     hidden_sizes: Tuple[int, ...] = (64, 64)
     """hidden layer sizes of both the actor and the critic MLPs"""
+    squash_actions: bool = False
+    """map the Gaussian sample into the action bounds with tanh instead of clipping it (bounded actions only)"""
 
     # evaluation
     eval_episodes: Optional[int] = None
@@ -150,7 +154,9 @@ class Args:
     eval_continuing: Optional[bool] = None
     """score as a continuing task, with warm-up (default: the env's metadata['continuing'])"""
     eval_every: Optional[int] = None
-    """steps between periodic evaluations (default: a twentieth of --total-timesteps)"""
+    """steps between periodic evaluations (default: a tenth of --total-timesteps)"""
+    eval_budget: float = 0.15
+    """share of the wall time evaluations may take for nominated agents (periodic ones always run)"""
     eval_only: Optional[str] = None
     """evaluate this checkpoint under the evaluation protocol and exit, without training"""
     eval_json: Optional[str] = None
@@ -180,8 +186,10 @@ class TrainError(Exception):
 class Agent(nn.Module):
     """CleanRL's continuous agent: separate actor and critic MLPs, state-independent log-std."""
 
-    def __init__(self, obs_size, action_size, hidden_sizes=(64, 64), action_low=None, action_high=None):
+    def __init__(self, obs_size, action_size, hidden_sizes=(64, 64), action_low=None, action_high=None,
+                 squash_actions=False):
         super().__init__()
+        self.squash_actions = squash_actions
         self.critic = mlp(obs_size, hidden_sizes, 1, last_layer_std=1.0)
         self.actor_mean = mlp(obs_size, hidden_sizes, action_size, last_layer_std=0.01)
         self.actor_logstd = nn.Parameter(torch.zeros(1, action_size))
@@ -207,8 +215,11 @@ class Agent(nn.Module):
         return action, log_prob, gaussian_entropy(action_logstd), self.critic(x).squeeze(-1)
 
     def get_deterministic_action(self, x):
-        """The mean action, clipped to the action bounds: the policy used for evaluation."""
-        return torch.clamp(self.actor_mean(x), self.action_low, self.action_high)
+        """The mean action, clipped (or squashed) into the action bounds: the policy used for evaluation."""
+        mean = self.actor_mean(x)
+        if self.squash_actions:
+            return self.action_low + (self.action_high - self.action_low) * (torch.tanh(mean) + 1) / 2
+        return torch.clamp(mean, self.action_low, self.action_high)
 
 
 def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
@@ -264,17 +275,29 @@ def numpy_policy(agent):
 def deterministic_numpy_policy(agent, obs_stats, clip_obs):
     """Raw observations -> `get_deterministic_action`, with frozen normalisation statistics (None: no
     normalisation): the policy that evaluation scores, as numpy."""
-    actor = numpy_mlp(agent.actor_mean)
-    low, high = agent.action_low.cpu().numpy(), agent.action_high.cpu().numpy()
+    actor, env_action = numpy_mlp(agent.actor_mean), env_action_map(agent)
     mean, var = (None, None) if obs_stats is None else (np.array(obs_stats[0]), np.array(obs_stats[1]))
 
     def act(raw_obs):
         obs = np.asarray(raw_obs, dtype=np.float32)
         if mean is not None:
             obs = normalize_observation(obs, mean, var, clip_obs)
-        return np.clip(actor(obs), low, high)
+        return env_action(actor(obs))
 
     return act
+
+
+def env_action_map(agent):
+    """The agent's raw (Gaussian) action -> the env's action: clipped into the bounds, or squashed with tanh.
+
+    PPO keeps the raw sample and its Gaussian log-probability: the map is fixed, so the probability ratio is the
+    same before and after it. Squashing keeps every sample distinct where clipping makes all samples beyond a
+    bound equal, which stops exploration and starves the gradient once a mean leaves the bounds.
+    """
+    low, high = agent.action_low.cpu().numpy(), agent.action_high.cpu().numpy()
+    if agent.squash_actions:
+        return lambda action: low + (high - low) * (np.tanh(action) + 1) / 2
+    return lambda action: np.clip(action, low, high)
 
 
 LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
@@ -491,10 +514,11 @@ def make_vector_env(env_id, env_kwargs, num_envs, max_episode_steps, native_vect
 
 
 def make_training_envs(args, env_kwargs, env_info):
-    """The training vector env: raw episode statistics first, then the reward transformations, and action
-    clipping last so the agent's raw sample is stored."""
-    envs = make_vector_env(args.env_id, env_kwargs, args.num_envs, args.reset_steps, env_info["native_vector"],
-                           args.async_envs)
+    """The training vector env: raw episode statistics first, then the reward transformations. The trainer maps
+    the agent's raw actions into the bounds itself (`env_action_map`), so the raw sample is what is stored."""
+    # The env's own limit explicitly: a native vector env given None would run without one.
+    envs = make_vector_env(args.env_id, env_kwargs, args.num_envs, args.reset_steps or env_info["time_limit"],
+                           env_info["native_vector"], args.async_envs)
     envs = gym.wrappers.vector.RecordEpisodeStatistics(envs)
     reward_normalizer = None
     if args.time_scaled:
@@ -504,7 +528,7 @@ def make_training_envs(args, env_kwargs, env_info):
         envs = reward_normalizer = gym.wrappers.vector.NormalizeReward(envs, gamma=args.gamma if args.gamma < 1
                                                                        else 0.99)
         envs = gym.wrappers.vector.ClipReward(envs, -args.clip_reward, args.clip_reward)
-    return gym.wrappers.vector.ClipAction(envs), reward_normalizer
+    return envs, reward_normalizer
 
 
 CONTINUING_EVAL_DEFAULTS = {"episodes": 128, "horizon": 20_000, "warmup": 2_500}
@@ -626,7 +650,8 @@ def load_agent_weights(agent, checkpoint, path):
 
 
 def agent_from_checkpoint(checkpoint, path):
-    agent = Agent(checkpoint["obs_size"], checkpoint["action_size"], tuple(checkpoint["args"]["hidden_sizes"]))
+    agent = Agent(checkpoint["obs_size"], checkpoint["action_size"], tuple(checkpoint["args"]["hidden_sizes"]),
+                  squash_actions=checkpoint["args"].get("squash_actions", False))
     load_agent_weights(agent, checkpoint, path)
     return agent
 
@@ -657,13 +682,14 @@ def evaluate_checkpoint(args):
     """`--eval-only`: score a checkpoint under the evaluation protocol of its problem instance (its options are
     the defaults, see `cli_args`), print it and optionally write it as JSON."""
     args, env_kwargs = resolved_args(args)
-    checkpoint = read_checkpoint(args.eval_only)
-    env_info = check_env(args.env_id, env_kwargs)
-    protocol = evaluation_protocol(args, env_info)
-    agent = agent_from_checkpoint(checkpoint, args.eval_only)
-    policy = deterministic_numpy_policy(agent, observation_stats(checkpoint), checkpoint["args"]["clip_obs"])
-    start = time.perf_counter()
-    evaluation = evaluate(policy, args.env_id, env_kwargs, protocol, env_info["native_vector"])
+    with global_state(args):
+        checkpoint = read_checkpoint(args.eval_only)
+        env_info = check_env(args.env_id, env_kwargs)
+        protocol = evaluation_protocol(args, env_info)
+        agent = agent_from_checkpoint(checkpoint, args.eval_only)
+        policy = deterministic_numpy_policy(agent, observation_stats(checkpoint), checkpoint["args"]["clip_obs"])
+        start = time.perf_counter()
+        evaluation = evaluate(policy, args.env_id, env_kwargs, protocol, env_info["native_vector"])
     say(f"{args.eval_only} (instance {checkpoint.get('instance')}, step {checkpoint['global_step']}): LTA return "
         f"{format_score(evaluation)} (95% CI over {evaluation['episodes']} episodes; protocol {json.dumps(protocol)}; "
         f"{time.perf_counter() - start:.1f} s)")
@@ -686,17 +712,13 @@ def train(args, on_evaluation=None):
     args, env_kwargs = resolved_args(args)
     with global_state(args), stop_signals() as stop:
         run = Run(given, args, env_kwargs)
-        agent, counters, envs, writer = run.agent, run.counters, run.envs, run.writer
-        batch_size = args.num_envs * args.num_steps
-        minibatch_size = batch_size // args.num_minibatches
-        update = (compiled_minibatch_update(agent, run.optimizers, run.clip_groups, args, minibatch_size)
-                  if args.compile else functools.partial(minibatch_update, agent, run.optimizers, run.clip_groups, args))
-        buffers = {name: np.zeros((args.num_steps, args.num_envs, *shape), dtype=dtype) for name, shape, dtype in [
-            ("obs", (run.obs_size,), np.float32), ("actions", (run.action_size,), np.float32),
-            ("logprobs", (), np.float32), ("rewards", (), np.float32), ("values", (), np.float32),
-            ("terminated", (), bool), ("truncated", (), bool), ("truncation_values", (), np.float32)]}
-        next_obs = run.reset_envs()
+        agent, counters, envs, batch_size = run.agent, run.counters, run.envs, args.num_envs * args.num_steps
         try:
+            buffers = {name: np.zeros((args.num_steps, args.num_envs, *shape), dtype=dtype) for name, shape, dtype in [
+                ("obs", (run.obs_size,), np.float32), ("actions", (run.action_size,), np.float32),
+                ("logprobs", (), np.float32), ("rewards", (), np.float32), ("values", (), np.float32),
+                ("terminated", (), bool), ("truncated", (), bool), ("truncation_values", (), np.float32)]}
+            next_obs = run.reset_envs()
             while counters["global_step"] + batch_size <= args.total_timesteps and not run.stopped(stop):
                 run.begin_rollout()
 
@@ -708,7 +730,7 @@ def train(args, on_evaluation=None):
                     # torch's generator draws the noise: the random stream `get_action_and_value` would use.
                     action, logprob, value = policy(next_obs, torch.randn(args.num_envs, run.action_size).numpy())
                     buffers["actions"][step], buffers["logprobs"][step], buffers["values"][step] = action, logprob, value
-                    raw_obs, reward, terminated, truncated, infos = envs.step(action)
+                    raw_obs, reward, terminated, truncated, infos = envs.step(run.env_action(action))
                     buffers["rewards"][step], buffers["terminated"][step], buffers["truncated"][step] = (
                         reward, terminated, truncated)
                     next_obs = run.observe(raw_obs)
@@ -729,7 +751,7 @@ def train(args, on_evaluation=None):
                 if args.average_reward:
                     run.rho = update_rho(run.rho, rewards, args.rho_step_size)
                     rewards = rewards - run.rho
-                terminated = buffers["terminated"] | (~args.bootstrap_truncation & buffers["truncated"])
+                terminated = buffers["terminated"] | (buffers["truncated"] & (not args.bootstrap_truncation))
                 advantages = compute_gae(rewards, buffers["values"], next_value, terminated, buffers["truncated"],
                                          buffers["truncation_values"], args.gamma, args.gae_lambda)
                 returns = (differential_returns(advantages, buffers["values"]) if args.average_reward
@@ -744,8 +766,8 @@ def train(args, on_evaluation=None):
                     # Shuffling once per epoch and slicing gives the same random minibatches with one gather.
                     permutation = torch.randperm(batch_size, device=run.device)
                     shuffled = [tensor[permutation] for tensor in batch]
-                    for start in range(0, batch_size, minibatch_size):
-                        losses = update(tuple(tensor[start:start + minibatch_size] for tensor in shuffled))
+                    for start in range(0, batch_size, run.minibatch_size):
+                        losses = run.update(tuple(tensor[start:start + run.minibatch_size] for tensor in shuffled))
                         counters["minibatch_updates"] += 1
                         ratios.append(losses[-1])
                         if stop["requested"]:  # a long learning phase still stops within a minibatch
@@ -782,7 +804,11 @@ class Run:
         resumed = read_checkpoint(args.resume) if args.resume else None
 
         space = self.env_info["action_space"]
-        self.agent = Agent(self.obs_size, self.action_size, args.hidden_sizes, space.low, space.high).to(self.device)
+        if args.squash_actions and not (np.isfinite(space.low).all() and np.isfinite(space.high).all()):
+            raise TrainError(f"--squash-actions needs finite action bounds, and env '{args.env_id}' has {space}")
+        self.agent = Agent(self.obs_size, self.action_size, args.hidden_sizes, space.low, space.high,
+                           args.squash_actions).to(self.device)
+        self.env_action = env_action_map(self.agent)
         self.optimizers, self.clip_groups = make_optimizers(self.agent, args)
         self.base_lrs = [[group["lr"] for group in optimizer.param_groups] for optimizer in self.optimizers]
         self.obs_rms = RunningMeanStd(shape=(self.obs_size,)) if args.norm_obs else None
@@ -795,7 +821,11 @@ class Run:
             raise TrainError(f"nothing to train: step {self.counters['global_step']} + one rollout "
                              f"({args.num_envs * args.num_steps} steps) exceeds --total-timesteps "
                              f"{args.total_timesteps}: raise it")
-        with signals_ignored():  # env subprocesses (--async-envs) ignore Ctrl-C and SIGTERM: this process stops them
+        self.minibatch_size = args.num_envs * args.num_steps // args.num_minibatches
+        self.update = (compiled_minibatch_update(self.agent, self.optimizers, self.clip_groups, args,
+                                                 self.minibatch_size) if args.compile else
+                       functools.partial(minibatch_update, self.agent, self.optimizers, self.clip_groups, args))
+        with signal_handlers(signal.SIG_IGN):  # env subprocesses (--async-envs) ignore Ctrl-C and SIGTERM: this process stops them
             self.envs, self.reward_normalizer = make_training_envs(args, env_kwargs, self.env_info)
         if resumed is not None and self.reward_normalizer is not None and resumed["reward_rms"] is not None:
             # The scale statistics carry over; the running returns of episodes that no longer exist do not.
@@ -808,7 +838,7 @@ class Run:
         batch_size = args.num_envs * args.num_steps
         self.final_step = self.counters["global_step"] + (
             (args.total_timesteps - self.counters["global_step"]) // batch_size) * batch_size
-        self.eval_every = args.eval_every or max(args.total_timesteps // 20, batch_size)
+        self.eval_every = args.eval_every or max(args.total_timesteps // 10, batch_size)
         self.start_step, self.start_time = self.counters["global_step"], time.time()
         self.last_eval_step, self.rollouts_seen = self.start_step, 0
         self.latest_lta, self.best_training_lta, self.nominated = math.nan, math.nan, False
@@ -820,8 +850,8 @@ class Run:
     def restore(self, checkpoint):
         """Continue from `--resume`: weights, optimizer state, observation statistics, counters and rho."""
         path, saved = self.args.resume, checkpoint["args"]
-        for name in ("hidden_sizes", "norm_obs", "shared_optimizer"):
-            before, now = saved[name], getattr(self.args, name)
+        for name in ("hidden_sizes", "norm_obs", "shared_optimizer", "squash_actions"):
+            before, now = saved.get(name, getattr(Args(), name)), getattr(self.args, name)
             if (list(before) if name == "hidden_sizes" else before) != (list(now) if name == "hidden_sizes" else now):
                 raise TrainError(f"--{name.replace('_', '-')} cannot change on resume: '{path}' was trained with "
                                  f"{before}, this run asks for {now}")
@@ -889,7 +919,8 @@ class Run:
 
     def end_rollout(self, buffers, on_evaluation):
         """Checks that need a rollout to see, then the evaluation of the agent that collected it, if one is due:
-        every `eval_every` steps, or half as often as that for a nominated agent."""
+        every `eval_every` steps, or when it is nominated and evaluations have taken less than `eval_budget` of
+        the run's wall time so far."""
         args, self.rollouts_seen = self.args, self.rollouts_seen + 1
         self.counters["rollouts"] += 1
         self.timing["rollout_seconds"] += time.perf_counter() - self.phase_start
@@ -903,8 +934,8 @@ class Run:
                                                                          self.env_info["time_limit"]) is None:
             warn(f"no episode has ended after {self.counters['global_step']} steps: the env has no time limit, so "
                  f"no LTA return is measured in training (set --reset-steps); periodic evaluations still run")
-        since = self.counters["global_step"] - self.last_eval_step
-        if since >= self.eval_every or (self.nominated and 2 * since >= self.eval_every):
+        within_budget = self.timing["eval_seconds"] <= args.eval_budget * (time.time() - self.start_time)
+        if self.counters["global_step"] - self.last_eval_step >= self.eval_every or (self.nominated and within_budget):
             self.evaluate_candidate(on_evaluation)
         self.phase_start = time.perf_counter()
 
@@ -986,8 +1017,8 @@ class Run:
         save_atomic(make_checkpoint(self, final), self.run_dir / "final.pt")
         reason = ("interrupted" if interrupted else "early stop" if self.stopped_early
                   else "stopped by on_evaluation" if self.stopped_by_callback else "done")
-        say(f"{reason}: step {self.counters['global_step']}/{self.final_step}; "
-            f"{self.counters['evaluations']} evaluations in {self.timing['eval_seconds']:.1f} s")
+        say(f"{reason}: step {self.counters['global_step']}/{self.final_step}; evaluations took "
+            f"{self.timing['eval_seconds']:.1f} s of {time.time() - self.start_time:.1f} s")
         for name, evaluation in (("best.pt", self.best), ("final.pt", final)):
             if evaluation is not None:
                 say(f"{name}: LTA return {format_score(evaluation)} (95% CI over {evaluation['episodes']} "
@@ -1041,10 +1072,7 @@ def unique_run_dir(instance, args):
 def open_writer(run_dir, given, args):
     """TensorBoard, and with --track Weights & Biases mirroring it (as CleanRL does)."""
     if args.track:
-        try:
-            import wandb
-        except ImportError:
-            raise TrainError("--track needs the wandb package: pip install -r requirements.txt") from None
+        import wandb
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
                    config=asdict(args), name=run_dir.name, dir=str(run_dir), save_code=True)
     writer = SummaryWriter(str(run_dir))
@@ -1093,7 +1121,7 @@ def warn(message):
 
 @contextlib.contextmanager
 def global_state(args):
-    """Seed the global random generators and set torch's threads for the run; restore all of it afterwards."""
+    """Seed the global random generators and set torch's and numpy's threads for the run; restore it all afterwards."""
     saved = (random.getstate(), np.random.get_state(), torch.get_rng_state(), torch.get_num_threads(),
              torch.backends.cudnn.deterministic)
     random.seed(args.seed)
@@ -1102,7 +1130,8 @@ def global_state(args):
     torch.backends.cudnn.deterministic = args.torch_deterministic
     torch.set_num_threads(args.num_threads)
     try:
-        yield
+        with threadpool_limits(args.num_threads):  # numpy's BLAS too: its threads thrash on small matrices
+            yield
     finally:
         random.setstate(saved[0])
         np.random.set_state(saved[1])
@@ -1115,9 +1144,24 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 @contextlib.contextmanager
+def signal_handlers(handler):
+    """`handler` for Ctrl-C and SIGTERM while the block runs, the previous handlers afterwards. Signals reach the
+    main thread only, so elsewhere (a thread of the caller's) nothing is changed."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signum: signal.signal(signum, handler) for signum in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, old_handler in previous.items():
+            signal.signal(signum, old_handler)
+
+
+@contextlib.contextmanager
 def stop_signals():
     """Ctrl-C or SIGTERM asks the loop to stop at the end of the current step or minibatch; a second one
-    interrupts at once. The previous handlers come back afterwards. (Signals reach the main thread only.)"""
+    interrupts at once."""
     stop = {"requested": False}
 
     def handler(signum, frame):
@@ -1126,27 +1170,8 @@ def stop_signals():
         stop["requested"] = True
         warn("stopping at the end of this step (press Ctrl-C again to interrupt)")
 
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = {signum: signal.signal(signum, handler) for signum in STOP_SIGNALS} if in_main_thread else {}
-    try:
+    with signal_handlers(handler):
         yield stop
-    finally:
-        for signum, old_handler in previous.items():
-            signal.signal(signum, old_handler)
-
-
-@contextlib.contextmanager
-def signals_ignored():
-    """Ignore the stop signals for a moment, e.g. while subprocesses that inherit the setting are started."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in STOP_SIGNALS}
-    try:
-        yield
-    finally:
-        for signum, old_handler in previous.items():
-            signal.signal(signum, old_handler)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1177,7 +1202,7 @@ def resolved_args(args):
     for name in ["gamma", "gae_lambda"]:
         if not 0 <= getattr(resolved, name) <= 1:
             raise TrainError(f"{option(name)} must be in [0, 1], got {getattr(resolved, name)}")
-    for name in ["rho_step_size", "lr_decay_rate"]:
+    for name in ["rho_step_size", "lr_decay_rate", "eval_budget"]:
         if not 0 < getattr(resolved, name) <= 1:
             raise TrainError(f"{option(name)} must be in (0, 1], got {getattr(resolved, name)}")
     if resolved.average_reward and resolved.gamma != 1:
@@ -1190,6 +1215,8 @@ def resolved_args(args):
         raise TrainError(f"the batch (--num-envs {resolved.num_envs} x --num-steps {resolved.num_steps} = "
                          f"{batch_size}) is not divisible by --num-minibatches {resolved.num_minibatches}: "
                          f"choose sizes that divide it")
+    if resolved.track and importlib.util.find_spec("wandb") is None:
+        raise TrainError("--track needs the wandb package: pip install -r requirements.txt")
     if resolved.eval_only and resolved.resume:
         raise TrainError("--eval-only and --resume exclude each other: give one")
     compiler = os.environ.get("CXX", {"darwin": "clang++", "win32": "cl"}.get(sys.platform, "g++"))  # inductor's
