@@ -684,17 +684,18 @@ def write_report(study, out_dir, top=5, tag="eval/LTA_return", baseline_steps=20
 
     params = {trial.number: ", ".join(f"{name}={trial.params[name]:.3g}" if isinstance(trial.params[name], float)
                                       else f"{name}={trial.params[name]}" for name in varied) for trial in best}
-    figure, axes = plt.subplots(len(labels), 1, figsize=(8, 4 * len(labels)), squeeze=False)
+    figure, axes = plt.subplots(len(labels), 1, figsize=(10, 4 * len(labels)), squeeze=False)
     for index, (axis, label, lines) in enumerate(zip(axes[:, 0], labels, references)):
         for curve in (curve for curve in curves if curve["instance"] == index):
             line, = axis.plot(curve["steps"], curve["value"],
                               label=f"trial {curve['trial']}: {params[curve['trial']]}".rstrip(": "))
             axis.fill_between(curve["steps"], curve["ci_low"], curve["ci_high"], color=line.get_color(), alpha=0.2)
-        for reference in lines:
-            style = {"color": "black", "linestyle": "--"} if reference["name"] == "optimal" else {"linestyle": ":"}
+        for color, reference in zip(plt.cm.Dark2.colors, lines):
+            style = ({"color": "black", "linestyle": "--"} if reference["name"] == "optimal"
+                     else {"color": color, "linestyle": ":"})
             axis.axhline(reference["value"], label=reference["name"], **style)
         axis.set(title=label, xlabel="environment steps", ylabel=f"{tag} ({statistic} over seeds, {CONFIDENCE:.0%} CI)")
-        axis.legend(fontsize="small")
+        axis.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1))
     figure.tight_layout()
     figure.savefig(paths["curves_png"], dpi=100)
     plt.close(figure)
