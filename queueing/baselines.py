@@ -82,6 +82,18 @@ def random_policy(instance, rng: np.random.Generator | None = None) -> Policy:
     return policy
 
 
+def priority_policy(instance, order: list[int]) -> Policy:
+    """Static priority: each server serves its eligible buffer that comes first in `order`."""
+    network = _as_network(instance)
+    if sorted(order) != list(range(network.num_buffers)):
+        raise ValueError(
+            f"a priority order must list each of the buffers 0..{network.num_buffers - 1} once, got {order}"
+        )
+    rank = np.empty(network.num_buffers)
+    rank[order] = np.arange(network.num_buffers)
+    return _priority_policy(network, lambda queues, connected: np.broadcast_to(-rank, queues.shape))
+
+
 # Factories: POLICIES[name](instance, rng) -> policy; only randomised policies use rng.
 POLICIES: dict[str, Callable[..., Policy]] = {
     "cmu": cmu_policy,
@@ -89,6 +101,34 @@ POLICIES: dict[str, Callable[..., Policy]] = {
     "longest": longest_policy,
     "random": random_policy,
 }
+PRIORITY_PREFIX = "priority:"
+
+
+def policy_names() -> list[str]:
+    """Names `make_policy` accepts."""
+    return sorted(POLICIES) + [f"{PRIORITY_PREFIX}ORDER (e.g. {PRIORITY_PREFIX}0,2,1)"]
+
+
+def make_policy(name: str, instance, rng: np.random.Generator | None = None, exact: bool = False) -> Policy:
+    """The policy called `name`: a key of POLICIES, or "priority:" and a buffer order, highest first.
+
+    `exact=True` asks for a policy whose servers' choices have the same distribution without
+    drawing random numbers, for the exact solver: "random" then gives all-zero weights, which
+    the allocation rule turns into a uniform choice among the eligible buffers, the same law as
+    independent uniform weights (they are exchangeable).
+    """
+    if name.startswith(PRIORITY_PREFIX):
+        try:
+            order = [int(part) for part in name[len(PRIORITY_PREFIX) :].split(",")]
+        except ValueError:
+            raise ValueError(f"policy {name!r}: the order must be comma-separated buffer indices") from None
+        return priority_policy(instance, order)
+    if name not in POLICIES:
+        raise ValueError(f"unknown policy {name!r}; available policies: {', '.join(policy_names())}")
+    if exact and name == "random":
+        num_buffers = _as_network(instance).num_buffers
+        return lambda observations: np.zeros((*observations.shape[:-1], num_buffers), dtype=np.float32)
+    return POLICIES[name](instance, rng)
 
 
 def student_t_quantile_975(degrees_of_freedom: int) -> float:
@@ -118,15 +158,13 @@ def evaluate_policy(
     first `warmup` slots of each, then runs at least `steps` transitions in total (rounded up
     to whole batches). The reward averaged over the copies at each slot forms one time series,
     cut into `num_batches` consecutive batches; the CI is the batch-means t-interval.
-    `policy` is a name from POLICIES or a callable mapping (N, obs_dim) observations to (N, K)
-    weights.
+    `policy` is a name `make_policy` accepts or a callable mapping (N, obs_dim) observations to
+    (N, K) weights.
     """
     if num_batches < 10:
         raise ValueError(f"num_batches must be at least 10, got {num_batches}")
-    if isinstance(policy, str) and policy not in POLICIES:
-        raise ValueError(f"unknown policy {policy!r}; available policies: {', '.join(sorted(POLICIES))}")
     network = _as_network(instance)
-    act = POLICIES[policy](network, np.random.default_rng(seed)) if isinstance(policy, str) else policy
+    act = make_policy(policy, network, np.random.default_rng(seed)) if isinstance(policy, str) else policy
 
     batch_length = max(1, math.ceil(steps / (num_copies * num_batches)))
     envs = QueueNetworkVectorEnv(num_copies, network, max_episode_steps=None)
@@ -170,7 +208,7 @@ def main(argv: list[str] | None = None) -> None:
         description="Long-term-average return of a classical policy on a queueing network instance.",
     )
     parser.add_argument("--instance", default="single-server-2class", help="instance name or path to a JSON file")
-    parser.add_argument("--policy", choices=sorted(POLICIES), default="cmu")
+    parser.add_argument("--policy", default="cmu", help=f"one of: {', '.join(policy_names())}")
     parser.add_argument("--steps", type=_integer_at_least(1), default=1_000_000, help="total transitions measured")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--warmup", type=_integer_at_least(0), default=2000, help="slots dropped per copy")
@@ -179,6 +217,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         network = Network.from_instance(args.instance)
+        make_policy(args.policy, network)
     except ValueError as error:
         parser.error(str(error))
 

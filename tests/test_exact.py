@@ -1,0 +1,182 @@
+"""The exact solver (queueing/exact.py): hand-checkable chains, known optima, agreement with simulation."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from queueing.baselines import evaluate_policy, make_policy
+from queueing.env import Network
+from queueing.exact import StateSpace, TransitionModel, slot_outcomes, solve_truncation, solve_until_converged
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def one_queue(arrival, service, time="discrete"):
+    return {"name": "one-queue", "time": time, "arrival_rates": [arrival], "service_rates": [service],
+            "holding_costs": [1.0], "servers": [[0]]}
+
+
+def geo_geo_1_mean_queue(arrival, service):
+    """Stationary mean queue of the discrete-time single queue: service, then arrival, in each slot.
+
+    A birth-death chain: from q >= 1 it goes up w.p. lambda (1 - mu) and down w.p. mu (1 - lambda);
+    from 0 up w.p. lambda. So pi_1 = pi_0 a with a = lambda / (mu (1 - lambda)), and pi_{q+1} = r pi_q
+    for q >= 1 with r = lambda (1 - mu) / (mu (1 - lambda)).
+    """
+    a = arrival / (service * (1 - arrival))
+    r = arrival * (1 - service) / (service * (1 - arrival))
+    pi_0 = 1 / (1 + a / (1 - r))
+    return pi_0 * a / (1 - r) ** 2
+
+
+def test_transition_rows_are_distributions_and_blocking_keeps_the_total_within_the_level():
+    network = Network.from_instance("criss-cross")
+    model = TransitionModel.build(network, 6)
+    for configuration, rows, matrix in zip(model.configurations, model.rows, model.matrices):
+        np.testing.assert_allclose(np.asarray(matrix.sum(axis=1)).ravel(), 1.0)
+        served = [buffer for buffer in configuration if buffer >= 0]
+        assert (model.space.queues[rows][:, served] > 0).all()
+    assert model.space.queues.sum(axis=1).max() == 6
+    # Buffer 1 of criss-cross gets no outside arrivals but is fed by routing, so it is kept.
+    assert model.space.limits.tolist() == [6, 6, 6]
+    assert model.space.size == 84  # states with at most 6 jobs in 3 buffers: C(9, 3)
+
+
+def test_slot_outcomes_by_hand():
+    network = Network.from_instance(one_queue(0.25, 0.5))
+    assert slot_outcomes(network, [0]) == pytest.approx({
+        ((-1,), (1,)): 0.5 * 0.25, ((-1,), (0,)): 0.5 * 0.75, ((0,), (1,)): 0.5 * 0.25, ((0,), (0,)): 0.5 * 0.75,
+    })
+    continuous = Network.from_instance(one_queue(1.0, 3.0, time="continuous"))
+    assert slot_outcomes(continuous, [0]) == pytest.approx({((0,), (1,)): 0.25, ((-1,), (0,)): 0.75})
+    # Idle server: only the arrival event, the rest of the slot is a self-loop.
+    assert slot_outcomes(continuous, []) == pytest.approx({((0,), (1,)): 0.25, ((0,), (0,)): 0.75})
+
+
+def test_single_discrete_time_queue_matches_its_closed_form():
+    solution, _ = solve_truncation(Network.from_instance(one_queue(0.3, 0.5)), 80)
+    assert solution.lta_return == pytest.approx(-geo_geo_1_mean_queue(0.3, 0.5), rel=1e-5)
+
+
+def test_continuous_time_queue_is_the_mm1_queue():
+    # M/M/1 with rho = 2/3: mean number in system rho / (1 - rho) = 2, per unit time and so per slot.
+    solution, _ = solve_truncation(Network.from_instance(one_queue(2.0, 3.0, time="continuous")), 80)
+    assert solution.lta_return == pytest.approx(-2.0, rel=1e-5)
+
+
+def test_single_server_2class_optimum_is_the_cmu_value():
+    network = Network.from_instance("single-server-2class")
+    optimum = solve_until_converged(network, 30)
+    assert optimum.fine.lta_return == pytest.approx(-2.68333, abs=2e-4)
+    assert optimum.relative_change < 0.005
+    # On one truncation the two agree to the solver's tolerance once blocking is negligible.
+    optimum, _ = solve_truncation(network, 60)
+    cmu, _ = solve_truncation(network, 60, make_policy("cmu", network, exact=True))
+    assert cmu.lta_return == pytest.approx(optimum.lta_return, abs=1e-5)
+    assert optimum.lta_return == pytest.approx(-2.68333, abs=2e-5)
+    longest = solve_until_converged(network, 30, make_policy("longest", network, exact=True))
+    assert longest.fine.lta_return < optimum.lta_return - 0.3
+
+
+def test_fixed_policy_value_agrees_with_a_long_simulation():
+    network = Network.from_instance("single-server-2class")
+    exact = solve_until_converged(network, 30, make_policy("maxweight", network, exact=True)).fine.lta_return
+    simulated, half_width = evaluate_policy(network, "maxweight", steps=200_000, seed=4)
+    assert abs(simulated - exact) <= 1.5 * half_width
+    # "random" is solved as a uniform choice among the eligible buffers: the same law.
+    exact_random = solve_until_converged(network, 30, make_policy("random", network, exact=True)).fine.lta_return
+    simulated, half_width = evaluate_policy(network, "random", steps=200_000, seed=5)
+    assert abs(simulated - exact_random) <= 1.5 * half_width
+
+
+TWO_SERVERS_CONNECTIVITY = {
+    "name": "small-connectivity", "arrival_rates": [0.2, 0.15, 0.3], "service_rates": [0.7, 0.6, 0.8],
+    "holding_costs": [1.0, 2.0, 1.0], "servers": [[0, 1], [2]], "routing": [[0, 0, 0.5], [0, 0, 0], [0, 0, 0]],
+    "connectivity": [0.8, 0.6, 0.9],
+}
+
+
+def test_connectivity_and_routing_exact_values_agree_with_simulation_and_the_optimum_is_best():
+    network = Network.from_instance(TWO_SERVERS_CONNECTIVITY)
+    optimum, _ = solve_truncation(network, 30)
+    values = {}
+    for name in ("cmu", "longest"):
+        values[name], _ = solve_truncation(network, 30, make_policy(name, network, exact=True))
+        assert optimum.lta_return >= values[name].lta_return - 1e-6
+    simulated, half_width = evaluate_policy(network, "longest", steps=200_000, seed=1)
+    assert abs(simulated - values["longest"].lta_return) <= 1.5 * half_width
+
+
+def test_continuous_time_policy_value_agrees_with_simulation():
+    instance = {"name": "ct-2class", "time": "continuous", "arrival_rates": [0.5, 0.4], "service_rates": [2.0, 1.0],
+                "holding_costs": [1.0, 1.5], "servers": [[0, 1]]}
+    network = Network.from_instance(instance)
+    exact = solve_until_converged(network, 30, make_policy("longest", network, exact=True)).fine.lta_return
+    simulated, half_width = evaluate_policy(network, "longest", steps=200_000, seed=2)
+    assert abs(simulated - exact) <= 1.5 * half_width
+
+
+def test_state_space_index_round_trips():
+    space = StateSpace.truncated(Network.from_instance("criss-cross"), 9)
+    np.testing.assert_array_equal(space.index(space.queues), np.arange(space.size))
+
+
+def run_exact(*arguments, timeout=120):
+    return subprocess.run([sys.executable, "-m", "queueing.exact", *arguments], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_cli_prints_value_truncation_and_relative_change():
+    result = run_exact("--instance", "single-server-2class", "--policy", "cmu")
+    assert result.returncode == 0, result.stderr
+    assert "exact LTA return -2.683" in result.stdout and "at truncation" in result.stdout
+    assert "relative change" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--instance", "connectivity-4buffer"], "too large for the exact solver"),
+        (["--instance", "nope"], "unknown instance 'nope'"),
+        (["--policy", "best"], "unknown policy 'best'"),
+        (["--policy", "priority:0,0"], "priority order"),
+        (["--checkpoint", "missing.pt"], "missing.pt"),
+    ],
+)
+def test_cli_errors_are_one_line(arguments, message):
+    result = run_exact(*arguments)
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert message in result.stderr
+
+
+def test_checkpoint_exact_value_matches_a_simulation_of_its_policy(tmp_path):
+    instance = {"name": "tiny-2class", "arrival_rates": [0.2, 0.2], "service_rates": [0.8, 0.5],
+                "holding_costs": [1.0, 1.0], "servers": [[0, 1]]}
+    instance_path = tmp_path / "tiny.json"
+    instance_path.write_text(json.dumps(instance))
+    train = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "ppo_continuous.py"), "--env-id", "queueing:QueueNetwork-v0",
+         "--env-kwargs", json.dumps({"instance": str(instance_path)}), "--total-timesteps", "256",
+         "--num-envs", "1", "--num-steps", "256", "--num-minibatches", "4", "--update-epochs", "1",
+         "--eval-episodes", "None", "--checkpoint-dir", str(tmp_path / "registry")],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        env={"PYTHONPATH": str(REPO_ROOT), "PATH": "/usr/bin:/bin"},
+    )
+    if train.returncode != 0:
+        pytest.skip(f"the trainer could not make a checkpoint: {train.stderr.strip().splitlines()[-1:]}")
+    checkpoint = next(tmp_path.glob("runs/*/final.pt"))
+    result = run_exact("--checkpoint", str(checkpoint), "--truncation", "25", timeout=300)
+    assert result.returncode == 0, result.stderr
+    exact = float(result.stdout.split("exact LTA return ")[1].split()[0])
+
+    from queueing.exact import checkpoint_policy
+
+    policy, trained_instance = checkpoint_policy(str(checkpoint))
+    assert trained_instance == str(instance_path)
+    simulated, half_width = evaluate_policy(trained_instance, policy, steps=100_000, seed=3, num_copies=32)
+    assert abs(simulated - exact) <= 1.5 * half_width
