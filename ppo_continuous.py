@@ -1074,7 +1074,7 @@ def open_writer(run_dir, given, args):
     if args.track:
         import wandb
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
-                   config=asdict(args), name=run_dir.name, dir=str(run_dir), save_code=True)
+                   config=asdict(args), name=run_dir.name, save_code=True)
     writer = SummaryWriter(str(run_dir))
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(
         f"|{key}|{value}|" for key, value in asdict(given).items()))
