@@ -10,6 +10,9 @@ REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "ppo_continuous.py"
 # Small enough to run in seconds, large enough to exercise every part of the loop.
 FAST = ["--num-envs", "2", "--num-steps", "128", "--num-minibatches", "4", "--update-epochs", "2"]
+# A cheap evaluation protocol, where the protocol itself is not the point of the test.
+FAST_EVAL = ["--eval-episodes", "2", "--eval-horizon", "50"]
+FAST_OPTIONS = dict(num_envs=2, num_steps=128, num_minibatches=4, update_epochs=2, eval_episodes=2, eval_horizon=50)
 
 
 def run_cli(*args, cwd, timeout=300, script=SCRIPT, env=None):
@@ -19,7 +22,10 @@ def run_cli(*args, cwd, timeout=300, script=SCRIPT, env=None):
 
 
 def run_dirs(cwd):
-    return sorted(path for path in (Path(cwd) / "runs").iterdir() if path.name != "checkpoints")
+    runs = Path(cwd) / "runs"
+    if not runs.exists():
+        return []
+    return sorted(path for path in runs.iterdir() if path.name != "checkpoints")
 
 
 def scalars(run_dir):
@@ -29,6 +35,31 @@ def scalars(run_dir):
             for tag in accumulator.Tags()["scalars"]}
 
 
+def values(logged, tag):
+    return [value for _, value in logged[tag]]
+
+
+def fast_args(**options):
+    """`Args` for a quick in-process `train()` run (Pendulum by default)."""
+    from ppo_continuous import Args
+    return Args(**{"env_id": "Pendulum-v1", "total_timesteps": 512, **FAST_OPTIONS, **options})
+
+
+def one_line_error(stderr):
+    """The single `error: ...` line of a refused command, or fail."""
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
+    assert "Traceback" not in stderr
+    return lines[0]
+
+
 @pytest.fixture
 def workdir(tmp_path):
+    return tmp_path
+
+
+@pytest.fixture
+def indir(tmp_path, monkeypatch):
+    """A fresh working directory for in-process runs (they write runs/ relative to it)."""
+    monkeypatch.chdir(tmp_path)
     return tmp_path

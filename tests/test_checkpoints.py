@@ -1,6 +1,7 @@
-"""Checkpoints through the trainer: the cross-run registry, load_checkpoint, resume, eval-only, early stop."""
+"""Checkpoints through the trainer: the cross-run registry of evaluated scores, load_checkpoint, early stop."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -9,9 +10,8 @@ import pytest
 import torch
 
 import ppo_continuous
-from tests.conftest import FAST, REPO, run_cli, run_dirs, scalars
-
-PENDULUM = ["--env-id", "Pendulum-v1", "--reset-steps", 32, *FAST]
+from ppo_continuous import TrainError, load_checkpoint, train
+from tests.conftest import REPO, fast_args, one_line_error, run_dirs, scalars, values
 
 
 def registry(workdir, instance="Pendulum-v1"):
@@ -19,139 +19,137 @@ def registry(workdir, instance="Pendulum-v1"):
     return folder, json.loads((folder / "index.json").read_text())
 
 
-def test_registry_keeps_the_top_k_over_runs(workdir):
-    every_score = []
+def test_registry_keeps_the_top_k_evaluated_scores_over_runs(indir):
+    every_score, protocols = [], []
     for seed in (1, 2):
-        result = run_cli(*PENDULUM, "--total-timesteps", 512, "--seed", seed, "--top-k", 3, "--eval-episodes", 0,
-                         cwd=workdir)
-        assert result.returncode == 0, result.stderr
-        every_score += [value for _, value in scalars(run_dirs(workdir)[-1])["charts/avg_LTA_return"]]
-    folder, index = registry(workdir)
-    assert [entry["score"] for entry in index] == pytest.approx(sorted(every_score, reverse=True)[:3])
-    assert sorted(path.name for path in folder.glob("*.pt")) == sorted(entry["file"] for entry in index)
-    for entry in index:
+        summary = train(fast_args(reset_steps=32, seed=seed, top_k=3))
+        every_score += values(scalars(summary["run_dir"]), "eval/LTA_return")
+        protocols.append(summary["protocol"])
+    folder, index = registry(indir)
+    assert index["protocol"] == protocols[0] == protocols[1] and index["top_k"] == 3
+    assert [entry["score"] for entry in index["entries"]] == pytest.approx(sorted(every_score, reverse=True)[:3],
+                                                                           abs=1e-6)
+    assert sorted(path.name for path in folder.glob("*.pt")) == sorted(entry["file"] for entry in index["entries"])
+    for entry in index["entries"]:
         checkpoint = torch.load(folder / entry["file"], weights_only=True)
-        assert checkpoint["score"] == pytest.approx(entry["score"])
+        assert checkpoint["score"] == entry["score"] and checkpoint["half_width"] == entry["half_width"] >= 0
         assert checkpoint["instance"] == "Pendulum-v1" and checkpoint["global_step"] == entry["global_step"]
+        assert checkpoint["protocol"] == index["protocol"]
         assert set(ppo_continuous.CHECKPOINT_KEYS) <= set(checkpoint)
     # The leaderboard lists them.
-    board = subprocess.run([sys.executable, str(REPO / "checkpoint_saver.py"), "runs/checkpoints"], cwd=workdir,
+    board = subprocess.run([sys.executable, str(REPO / "checkpoint_saver.py"), "runs/checkpoints"], cwd=indir,
                            capture_output=True, text=True)
     assert board.returncode == 0 and "Pendulum-v1" in board.stdout
-    assert all(entry["run_name"] in board.stdout for entry in index)
+    assert all(entry["run_name"] in board.stdout for entry in index["entries"])
 
 
-def test_lower_is_better_keeps_the_lowest(workdir):
-    result = run_cli(*PENDULUM, "--total-timesteps", 512, "--top-k", 2, "--lower-is-better", "--eval-episodes", 0,
-                     cwd=workdir)
-    assert result.returncode == 0, result.stderr
-    scores = [value for _, value in scalars(run_dirs(workdir)[0])["charts/avg_LTA_return"]]
-    _, index = registry(workdir)
-    assert [entry["score"] for entry in index] == pytest.approx(sorted(scores)[:2])
-    best = torch.load(run_dirs(workdir)[0] / "best.pt", weights_only=True)
-    assert best["score"] == pytest.approx(min(scores))
+def test_lower_is_better_keeps_the_lowest(indir):
+    summary = train(fast_args(reset_steps=32, top_k=2, lower_is_better=True))
+    scores = values(scalars(summary["run_dir"]), "eval/LTA_return")
+    _, index = registry(indir)
+    assert index["lower_is_better"] is True
+    assert [entry["score"] for entry in index["entries"]] == pytest.approx(sorted(scores)[:2], abs=1e-6)
+    assert torch.load(summary["run_dir"] / "best.pt", weights_only=True)["score"] == pytest.approx(min(scores),
+                                                                                                   abs=1e-6)
+    assert summary["best"]["mean"] == pytest.approx(min(scores), abs=1e-6)
 
 
-def test_problem_instance_and_env_kwargs_name_the_registry_folder(workdir):
-    for extra in (["--problem-instance", "my-instance"], ["--env-kwargs", '{"g": 9.0}']):
-        assert run_cli(*PENDULUM, "--total-timesteps", 256, "--eval-episodes", 0, *extra, cwd=workdir).returncode == 0
-    folders = sorted(path.name for path in (workdir / "runs" / "checkpoints").iterdir())
+def test_problem_instance_and_env_kwargs_name_the_registry_folder_and_the_run(indir):
+    for options in (dict(problem_instance="my-instance"), dict(env_kwargs='{"g": 9.0}')):
+        summary = train(fast_args(total_timesteps=256, **options))
+        assert summary["run_dir"].name.startswith(summary["instance"] + "__ppo_continuous__1__")
+    folders = sorted(path.name for path in (indir / "runs" / "checkpoints").iterdir())
     assert "my-instance" in folders
     assert any(name.startswith("Pendulum-v1__") and "g=9.0" in name for name in folders), folders
 
 
-def test_load_checkpoint_reproduces_the_training_time_policy_exactly(workdir, monkeypatch):
-    monkeypatch.chdir(workdir)
-    args = ppo_continuous.Args(env_id="Pendulum-v1", total_timesteps=512, num_envs=2, num_steps=128,
-                               num_minibatches=4, update_epochs=2, reset_steps=32, eval_episodes=0)
-    summary = ppo_continuous.train(args, ppo_continuous.resolve_args(args))
+def test_load_checkpoint_reproduces_the_training_time_policy_exactly(indir):
+    summary = train(fast_args(reset_steps=32))
     agent, obs_rms = summary["agent"], summary["obs_rms"]
     raw = np.random.default_rng(0).normal(scale=3.0, size=(50, 3)).astype(np.float32)
     with torch.no_grad():
         training_input = torch.from_numpy(ppo_continuous.normalize_observation(raw, obs_rms.mean, obs_rms.var, 10.0))
         want_action = agent.get_deterministic_action(training_input)
         want_value = agent.get_value(training_input)
-        loaded, normalize_obs = ppo_continuous.load_checkpoint(summary["run_dir"] / "final.pt")
+        loaded, normalize_obs = load_checkpoint(summary["run_dir"] / "final.pt")
         assert torch.equal(normalize_obs(raw), training_input)
         assert torch.equal(loaded.get_deterministic_action(normalize_obs(raw)), want_action)
         assert torch.equal(loaded.get_value(normalize_obs(raw)), want_value)
     assert not loaded.training
 
 
-def test_load_checkpoint_without_observation_normalisation_is_identity(workdir):
-    assert run_cli(*PENDULUM, "--total-timesteps", 256, "--no-norm-obs", "--eval-episodes", 0,
-                   cwd=workdir).returncode == 0
-    _, normalize_obs = ppo_continuous.load_checkpoint(run_dirs(workdir)[0] / "final.pt")
+def test_load_checkpoint_of_a_squashed_policy_acts_as_evaluation_scored_it(indir):
+    summary = train(fast_args(total_timesteps=256, squash_actions=True))
+    loaded, normalize_obs = load_checkpoint(summary["run_dir"] / "final.pt")
+    obs_rms = summary["obs_rms"]
+    scored = ppo_continuous.deterministic_numpy_policy(summary["agent"], (obs_rms.mean, obs_rms.var), 10.0)
+    raw = np.random.default_rng(1).normal(scale=3.0, size=(20, 3)).astype(np.float32)
+    with torch.no_grad():
+        action = loaded.get_deterministic_action(normalize_obs(raw)).numpy()
+        mean = loaded.actor_mean(normalize_obs(raw)).numpy()
+    np.testing.assert_allclose(action, -2.0 + 4.0 * (np.tanh(mean) + 1) / 2, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(action, scored(raw), rtol=1e-4, atol=1e-5)
+
+
+def test_load_checkpoint_without_observation_normalisation_is_identity(indir):
+    summary = train(fast_args(total_timesteps=256, norm_obs=False))
+    _, normalize_obs = load_checkpoint(summary["run_dir"] / "final.pt")
     raw = np.array([[0.5, -0.25, 7.0]], dtype=np.float32)
     assert torch.equal(normalize_obs(raw), torch.from_numpy(raw))
 
 
-def test_resume_continues_with_the_same_counters(workdir):
-    assert run_cli(*PENDULUM, "--total-timesteps", 1024, "--eval-episodes", 0, cwd=workdir).returncode == 0
-    (first,) = run_dirs(workdir)
-    saved = torch.load(first / "final.pt", weights_only=True)
-    assert saved["global_step"] == 1024 and saved["counters"]["rollouts"] == 4
-    result = run_cli(*PENDULUM, "--total-timesteps", 2048, "--eval-episodes", 0, "--resume", first / "final.pt",
-                     cwd=workdir)
+def test_load_checkpoint_raises_train_error_on_files_that_are_not_checkpoints(tmp_path):
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    torch.save({"agent": {}}, tmp_path / "partial.pt")
+    torch.save([1, 2, 3], tmp_path / "list.pt")
+    for name, message in [("junk.pt", "cannot read checkpoint"), ("missing.pt", "cannot read checkpoint"),
+                          ("partial.pt", "is not a checkpoint of ppo_continuous.py"),
+                          ("list.pt", "is not a checkpoint of ppo_continuous.py")]:
+        with pytest.raises(TrainError, match=message):
+            load_checkpoint(tmp_path / name)
+
+
+def test_the_readme_snippet_works_from_another_directory(indir):
+    summary = train(fast_args(total_timesteps=256))
+    elsewhere = indir / "elsewhere"
+    elsewhere.mkdir()
+    snippet = (f"from ppo_continuous import load_checkpoint\n"
+               f"agent, normalize_obs = load_checkpoint({str(summary['run_dir'].resolve() / 'best.pt')!r})\n"
+               f"raw_obs = [[1.0, 0.0, 0.5]]\n"
+               f"action = agent.get_deterministic_action(normalize_obs(raw_obs)).detach().numpy()\n"
+               f"print(action.shape, float(action[0, 0]))\n")
+    result = subprocess.run([sys.executable, "-c", snippet], cwd=elsewhere, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert "resumed from" in result.stdout
-    second = next(path for path in run_dirs(workdir) if path != first)
-    logged = scalars(second)
-    assert [(step, value) for step, value in logged["counters/rollouts"]] == [
-        (1280, 5), (1536, 6), (1792, 7), (2048, 8)]
-    assert logged["counters/updates"][0][1] == saved["counters"]["updates"] + 2
-    # The learning-rate schedule continues where it was: rollout 5 of 8 with linear annealing.
-    assert logged["charts/learning_rate"][0][1] == pytest.approx(3e-4 * (1 - 4 / 8))
-    resumed = torch.load(second / "final.pt", weights_only=True)
-    assert resumed["global_step"] == 2048
-    assert resumed["obs_rms"]["count"] > saved["obs_rms"]["count"] + 1000  # statistics carried over, then grown
+    shape, action = result.stdout.split(")")
+    assert shape == "(1, 1" and -2.0 <= float(action) <= 2.0
 
 
-def test_resume_rejects_a_checkpoint_of_another_env(workdir):
-    assert run_cli(*PENDULUM, "--total-timesteps", 256, "--eval-episodes", 0, cwd=workdir).returncode == 0
-    result = run_cli("--env-id", "tests.envs:ConstantReward-v0", *FAST, "--total-timesteps", 256,
-                     "--resume", run_dirs(workdir)[0] / "final.pt", cwd=workdir)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "observation/action sizes 3/1" in result.stderr
+def test_early_stop_counts_evaluations_without_improvement(indir):
+    # Constant reward: the first evaluation is the best and no later one improves on it. The first training
+    # measurement is the only nomination, so the evaluations run at rollouts 1 (nominated), 3, 5 and 7 (every
+    # 512 steps): patience 3 stops after the 4th, at step 7 x 256, not after 4 rollouts.
+    summary = train(fast_args(env_id="tests.envs:ConstantReward-v0", eval_horizon=None, total_timesteps=100_000,
+                              eval_every=512, early_stop_patience=3))
+    assert summary["stopped_early"] and summary["counters"]["global_step"] == 7 * 256
+    logged = scalars(summary["run_dir"])
+    assert [step for step, _ in logged["eval/LTA_return"]] == [256, 768, 1280, 1792, 1792]  # + the final agent
+    assert summary["counters"]["updates"] == 7 * 2  # the run learned after every rollout, the last included
 
 
-def test_eval_only_evaluates_a_checkpoint(workdir):
-    assert run_cli(*PENDULUM, "--total-timesteps", 256, "--eval-episodes", 0, cwd=workdir).returncode == 0
-    (run_dir,) = run_dirs(workdir)
-    result = run_cli("--eval-only", run_dir / "best.pt", "--eval-episodes", 4, cwd=workdir)
-    assert result.returncode == 0, result.stderr
-    assert "eval: 4 episodes" in result.stdout and "LTA return" in result.stdout
-    assert run_dirs(workdir) == [run_dir]  # no training run
+def test_early_stop_waits_for_the_first_update(indir):
+    # Patience 1 with an evaluation every rollout: the run still learns at least once before it can stop.
+    summary = train(fast_args(env_id="tests.envs:ConstantReward-v0", eval_horizon=None, total_timesteps=100_000,
+                              eval_every=256, early_stop_patience=1))
+    assert summary["stopped_early"] and summary["counters"]["updates"] > 0
+    assert summary["counters"]["global_step"] == 2 * 256
 
 
-def test_eval_only_rejects_a_file_that_is_not_a_checkpoint(workdir):
-    (workdir / "junk.pt").write_bytes(b"not a checkpoint")
-    result = run_cli("--eval-only", "junk.pt", cwd=workdir)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "cannot read checkpoint 'junk.pt'" in result.stderr
-
-
-def test_final_evaluation_uses_the_best_agent_in_raw_units(workdir):
-    result = run_cli("--env-id", "tests.envs:ConstantReward-v0", "--env-kwargs", '{"reward": 0.5}', *FAST,
-                     "--total-timesteps", 256, "--eval-episodes", 3, cwd=workdir)
-    assert result.returncode == 0, result.stderr
-    logged = scalars(run_dirs(workdir)[0])
-    assert logged["eval/LTA_return"][0][1] == 0.5 and logged["eval/episodic_return"][0][1] == 5.0
-
-
-def test_early_stop_patience(workdir):
-    # Constant reward: the first LTA measurement is the best and nothing improves on it afterwards.
-    result = run_cli("--env-id", "tests.envs:ConstantReward-v0", *FAST, "--total-timesteps", 100000,
-                     "--early-stop-patience", 3, "--eval-episodes", 0, cwd=workdir)
-    assert result.returncode == 0, result.stderr
-    assert "early stop: step 80/" in result.stdout  # 2 envs, episodes of 10 steps: 4th measurement at step 80
-    assert len(scalars(run_dirs(workdir)[0])["charts/avg_LTA_return"]) == 4
-
-
-def test_a_registry_ranked_the_other_way_is_refused_up_front(workdir):
-    assert run_cli(*PENDULUM, "--total-timesteps", 256, "--eval-episodes", 0, cwd=workdir).returncode == 0
-    before = registry(workdir)[1]
-    result = run_cli(*PENDULUM, "--total-timesteps", 256, "--lower-is-better", cwd=workdir)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "lower_is_better" in result.stderr and len(result.stderr.strip().splitlines()) == 1
-    assert registry(workdir)[1] == before and len(run_dirs(workdir)) == 1
+def test_a_registry_ranked_the_other_way_is_refused_up_front(indir, capsys):
+    train(fast_args(total_timesteps=256))
+    before = registry(indir)[1]
+    assert ppo_continuous.main(["--env-id", "Pendulum-v1", "--num-envs", "2", "--num-steps", "128",
+                                "--num-minibatches", "4", "--eval-episodes", "2", "--eval-horizon", "50",
+                                "--total-timesteps", "256", "--lower-is-better"]) == 2
+    assert "lower_is_better" in one_line_error(capsys.readouterr().err)
+    assert registry(indir)[1] == before and len(run_dirs(indir)) == 1

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import ppo_continuous
-from tests.conftest import FAST, run_cli, run_dirs, scalars
+from tests.conftest import FAST, FAST_EVAL, one_line_error, run_cli, run_dirs, scalars
 
-PENDULUM = ["--env-id", "Pendulum-v1", "--reset-steps", 32, *FAST]
+PENDULUM = ["--env-id", "Pendulum-v1", "--reset-steps", 32, *FAST, *FAST_EVAL]
 
 
 def random_minibatches(agent, count, size=64, seed=0):
@@ -57,21 +57,22 @@ def train_on(minibatches, agent, args, compiled):
     dict(actor_lr=1e-3, critic_lr=5e-4, max_grad_norm=None, norm_adv=False, clip_vloss=False),
 ])
 def test_compiled_update_matches_the_eager_update(options):
-    args = ppo_continuous.Args(**options)
-    ppo_continuous.resolve_args(args)
+    """Step by step against the eager update; bit-for-bit repeatable (checked once: compiling is slow)."""
+    args, _ = ppo_continuous.resolved_args(ppo_continuous.Args(**options))
     torch.manual_seed(0)
     eager_agent = ppo_continuous.Agent(5, 2)
     compiled_agent, repeat_agent = copy.deepcopy(eager_agent), copy.deepcopy(eager_agent)
     minibatches = random_minibatches(eager_agent, 6)
     want_parts, eager_optimizers = train_on(minibatches, eager_agent, args, compiled=False)
     got_parts, compiled_optimizers = train_on(minibatches, compiled_agent, args, compiled=True)
-    train_on(minibatches, repeat_agent, args, compiled=True)
     for got, want in zip(got_parts, want_parts):
         for got_part, want_part in zip(got, want):
             torch.testing.assert_close(got_part, want_part, rtol=1e-5, atol=1e-6)
-    # Deterministic: the same updates again give the same weights to the bit.
-    for got_param, repeat_param in zip(compiled_agent.parameters(), repeat_agent.parameters()):
-        assert torch.equal(got_param, repeat_param)
+    if not options:
+        # Deterministic: the same updates again give the same weights to the bit.
+        train_on(minibatches, repeat_agent, args, compiled=True)
+        for got_param, repeat_param in zip(compiled_agent.parameters(), repeat_agent.parameters()):
+            assert torch.equal(got_param, repeat_param)
     # Same weights, and an optimizer state the eager optimizer continues from (checkpoints, --resume).
     for (name, got_param), want_param in zip(compiled_agent.named_parameters(), eager_agent.parameters()):
         torch.testing.assert_close(got_param, want_param, rtol=1e-5, atol=1e-6, msg=name)
@@ -87,8 +88,7 @@ def test_compiled_update_matches_the_eager_update(options):
 
 def test_compiled_update_clips_gradients():
     """Clipping is active here, so the eager reference above would catch a compiled update that skipped it."""
-    args = ppo_continuous.Args(max_grad_norm=1e-3)
-    ppo_continuous.resolve_args(args)
+    args, _ = ppo_continuous.resolved_args(ppo_continuous.Args(max_grad_norm=1e-3))
     torch.manual_seed(0)
     agent = ppo_continuous.Agent(5, 2)
     optimizers, clip_groups = ppo_continuous.make_optimizers(agent, args)
@@ -100,35 +100,43 @@ def test_compiled_update_clips_gradients():
     assert all(int(optimizers[0].state[param]["step"]) == 1 for param in agent.parameters())
 
 
-def test_cli_compile_trains_and_checkpoints_resume_across_modes(workdir):
-    result = run_cli(*PENDULUM, "--compile", "--total-timesteps", 512, "--eval-episodes", 0, cwd=workdir)
+def test_compiled_update_refuses_an_optimizer_it_does_not_mirror():
+    """The check comes before compiling: no compiler needed."""
+    args, _ = ppo_continuous.resolved_args(ppo_continuous.Args())
+    agent = ppo_continuous.Agent(5, 2)
+    _, clip_groups = ppo_continuous.make_optimizers(agent, args)
+    for optimizer in ([torch.optim.SGD(agent.parameters(), lr=0.1)],
+                      [torch.optim.Adam(agent.parameters(), lr=0.1, amsgrad=True)]):
+        with pytest.raises(TypeError, match="torch.optim.Adam without amsgrad"):
+            ppo_continuous.compiled_minibatch_update(agent, optimizer, clip_groups, args, 64)
+
+
+def test_cli_compile_resumes_an_eager_checkpoint_and_continues_its_adam_state(workdir):
+    """One compilation (they are slow): an eager run, resumed with --compile. The compiled optimizer state is
+    the eager one (test_compiled_update_matches_the_eager_update), so the other direction needs no run."""
+    result = run_cli(*PENDULUM, "--total-timesteps", 512, cwd=workdir)
     assert result.returncode == 0, result.stderr
-    assert "compiled the minibatch update in" in result.stdout
-    run_dir = run_dirs(workdir)[0]
-    logged = scalars(run_dir)
-    assert logged["perf/compile_seconds"][0][1] > 0
-    assert logged["counters/minibatch_updates"][-1][1] == 2 * 2 * 4
-    assert all(torch.isfinite(torch.tensor(value)) for _, value in logged["losses/value_loss"])
-    checkpoint = torch.load(run_dir / "final.pt", weights_only=True)
+    assert "compiled the minibatch update" not in result.stdout
+    eager_run_dir = run_dirs(workdir)[0]
+    checkpoint = torch.load(eager_run_dir / "final.pt", weights_only=True)
     assert all(int(state["step"]) == 2 * 2 * 4 for state in checkpoint["optimizers"][0]["state"].values())
 
-    resumed = run_cli(*PENDULUM, "--total-timesteps", 1024, "--eval-episodes", 0, "--resume", run_dir / "final.pt",
-                      cwd=workdir)
+    resumed = run_cli("--compile", "--total-timesteps", 1024, "--resume", eager_run_dir / "final.pt", cwd=workdir)
     assert resumed.returncode == 0, resumed.stderr
-    eager_run_dir = run_dirs(workdir)[1]
-    assert scalars(eager_run_dir)["counters/minibatch_updates"][-1][1] == 4 * 2 * 4
-    # ... and an eager checkpoint resumes with --compile, its Adam state continuing.
-    again = run_cli(*PENDULUM, "--compile", "--total-timesteps", 1536, "--eval-episodes", 0,
-                    "--resume", eager_run_dir / "final.pt", cwd=workdir)
-    assert again.returncode == 0, again.stderr
-    checkpoint = torch.load(run_dirs(workdir)[2] / "final.pt", weights_only=True)
-    assert all(int(state["step"]) == 6 * 2 * 4 for state in checkpoint["optimizers"][0]["state"].values())
+    assert "compiled the minibatch update in" in resumed.stdout
+    compiled_run_dir = run_dirs(workdir)[1]
+    logged = scalars(compiled_run_dir)
+    assert logged["counters/minibatch_updates"][-1][1] == 4 * 2 * 4
+    assert all(torch.isfinite(torch.tensor(value)) for _, value in logged["losses/value_loss"])
+    checkpoint = torch.load(compiled_run_dir / "final.pt", weights_only=True)
+    assert checkpoint["args"]["compile"] is True
+    assert all(int(state["step"]) == 4 * 2 * 4 for state in checkpoint["optimizers"][0]["state"].values())
 
 
 def test_compile_without_a_compiler_is_one_line_exit_2_and_saves_nothing(workdir):
     result = run_cli(*PENDULUM, "--compile", "--no-cuda", "--total-timesteps", 256, cwd=workdir,
                      env={"CXX": "/nonexistent/c++"})
     assert result.returncode == 2
-    assert result.stderr == ("error: --compile needs a C++ compiler and '/nonexistent/c++' was not found: "
-                             "install one (or set CXX), or train without --compile\n")
+    assert one_line_error(result.stderr) == ("error: --compile needs a C++ compiler and '/nonexistent/c++' was not "
+                                             "found: install one (or set CXX), or train without --compile")
     assert not (workdir / "runs").exists()

@@ -1,13 +1,21 @@
-"""The learning math against naive reference implementations."""
+"""The learning math against naive reference implementations, and the truncation bootstrap through a rollout."""
 
 import math
 
+import gymnasium as gym
 import numpy as np
 import pytest
+import scipy.stats
 import torch
+import torch.nn as nn
 
-from ppo_continuous import (compute_gae, explained_variance, gaussian_entropy, gaussian_log_prob,
-                            learning_rate_factor, normalize_observation, policy_loss, value_loss)
+import ppo_continuous
+from ppo_continuous import (TrainError, check_env, compute_gae, differential_returns, explained_variance,
+                            gaussian_entropy, gaussian_log_prob, learning_rate_factor, make_training_envs,
+                            make_vector_env, mean_confidence_interval, normalize_observation, numpy_mlp,
+                            policy_loss, resolved_args, update_rho, value_loss)
+import tests.envs  # noqa: F401  (registers the test envs)
+from tests.conftest import fast_args
 
 
 def naive_gae(rewards, values, next_value, terminated, truncated, truncation_values, gamma, lam):
@@ -149,9 +157,16 @@ def test_explained_variance():
 
 
 def test_learning_rate_schedules():
-    assert learning_rate_factor("constant", 7, 10, 0.9) == 1.0
-    assert [learning_rate_factor("linear", i, 4, 0.9) for i in (1, 2, 3, 4)] == [1.0, 0.75, 0.5, 0.25]
-    assert learning_rate_factor("exponential", 3, 10, 0.9) == pytest.approx(0.81)
+    # learning_rate_factor(schedule, global_step, total_timesteps, rollouts_done, decay_rate)
+    assert learning_rate_factor("constant", 700, 1000, 7, 0.9) == 1.0
+    # Linear: a function of the steps done (so a resumed run with another batch size continues the line).
+    assert [learning_rate_factor("linear", step, 1000, 99, 0.9) for step in (0, 250, 600, 1000)] == [
+        1.0, 0.75, 0.4, 0.0]
+    assert learning_rate_factor("linear", 1200, 1000, 0, 0.9) == 0.0  # never negative
+    # Exponential: decay_rate per rollout done, whatever the steps.
+    assert learning_rate_factor("exponential", 123, 1000, 0, 0.9) == 1.0
+    assert learning_rate_factor("exponential", 0, 1000, 2, 0.9) == pytest.approx(0.81)
+    assert learning_rate_factor("exponential", 999, 1000, 3, 0.5) == pytest.approx(0.125)
 
 
 def test_observation_normalisation_matches_gymnasium_wrapper():
@@ -180,3 +195,135 @@ def test_numpy_policy_matches_get_action_and_value():
     np.testing.assert_allclose(action, want_action.detach().numpy(), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(log_prob, want_log_prob.detach().numpy(), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(value, want_value.detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_update_rho_starts_at_the_first_rollout_mean_then_moves_by_the_step_size():
+    assert update_rho(None, np.array([[1.0, 2.0], [3.0, 4.0]]), 0.1) == 2.5
+    assert update_rho(2.5, np.array([[5.0, 5.0]]), 0.1) == pytest.approx(2.75)
+    assert update_rho(2.5, np.array([[5.0, 5.0]]), 1.0) == 5.0
+    assert update_rho(-1.0, np.array([[-1.0, -1.0]]), 0.3) == -1.0
+
+
+def test_differential_returns_are_the_centred_lambda_returns():
+    advantages = np.array([[1.0, 2.0], [3.0, 4.0]])
+    values = np.array([[0.0, 0.0], [1.0, 1.0]])
+    # returns 1, 2, 4, 5 (mean 3), centred
+    np.testing.assert_allclose(differential_returns(advantages, values), [[-2.0, -1.0], [1.0, 2.0]])
+
+
+def test_mean_confidence_interval_is_the_student_t_interval():
+    mean, half_width = mean_confidence_interval([1.0, 2.0, 3.0, 4.0])
+    assert mean == 2.5
+    # t(0.975, 3) = 3.182446..., sample std sqrt(5/3), n = 4
+    assert half_width == pytest.approx(3.182446305284263 * math.sqrt(5 / 3) / 2, rel=1e-9)
+    assert mean_confidence_interval([0.5, 0.5, 0.5]) == (0.5, 0.0)
+    rng = np.random.default_rng(0)
+    sample = rng.normal(size=30)
+    low, high = scipy.stats.t.interval(0.95, 29, loc=sample.mean(), scale=scipy.stats.sem(sample))
+    assert mean_confidence_interval(sample)[1] == pytest.approx((high - low) / 2, rel=1e-9)
+
+
+def test_numpy_mlp_refuses_a_network_it_does_not_mirror():
+    relu_net = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 1))
+    with pytest.raises(TypeError, match="Linear/Tanh"):
+        numpy_mlp(relu_net)
+    tanh_net = ppo_continuous.mlp(3, (8,), 1, last_layer_std=1.0)
+    x = np.random.default_rng(0).normal(size=(4, 3)).astype(np.float32)
+    np.testing.assert_allclose(numpy_mlp(tanh_net)(x), tanh_net(torch.from_numpy(x)).detach().numpy(),
+                               rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("options, want", [(dict(gamma=0.995), 0.995), (dict(gamma=0.9), 0.9),
+                                           (dict(gamma=1.0), 0.99), (dict(), 0.99),
+                                           (dict(average_reward=True), 0.99)])
+def test_reward_scaler_discounts_with_gamma_below_one_else_with_0_99(options, want):
+    args, env_kwargs = resolved_args(fast_args(**options))
+    envs, reward_normalizer = make_training_envs(args, env_kwargs, check_env(args.env_id, env_kwargs))
+    try:
+        assert isinstance(reward_normalizer, gym.wrappers.vector.NormalizeReward)
+        assert reward_normalizer.gamma == want
+    finally:
+        envs.close()
+
+
+def test_a_vector_env_without_same_step_autoreset_is_refused():
+    info = check_env("NextStepVector-v0", {})
+    assert info["native_vector"]
+    with pytest.raises(TrainError, match="SAME_STEP"):
+        make_vector_env("NextStepVector-v0", {}, 2, 10, info["native_vector"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The truncation bootstrap through a real rollout: ConstantReward-v0 pays 2 per step, observes [t, 1] and is
+# truncated after 10 steps, so every return is known once the critic's values are.
+# ---------------------------------------------------------------------------------------------------------------
+
+GAE_ARGS = ("rewards", "values", "next_value", "terminated", "truncated", "truncation_values", "gamma",
+            "gae_lambda")
+
+
+def spy_on_rollouts(monkeypatch):
+    """Record compute_gae's inputs and outputs for each rollout, with the critic's value of the true final
+    observation [10, 1] and of the observation after the rollout, computed independently with the agent of
+    that rollout (compute_gae runs before the learning phase)."""
+    calls, agents = [], []
+    original_gae, original_optimizers = ppo_continuous.compute_gae, ppo_continuous.make_optimizers
+
+    def make_optimizers(agent, args):
+        agents.append(agent)
+        return original_optimizers(agent, args)
+
+    def compute_gae(*args):
+        advantages = original_gae(*args)
+        call = {name: np.copy(value) for name, value in zip(GAE_ARGS, args)}
+        with torch.no_grad():
+            value_of = lambda obs: agents[-1].get_value(torch.tensor([obs])).item()  # noqa: E731
+            call.update(advantages=advantages.copy(), final_value=value_of([10.0, 1.0]))
+            call["after_value"] = value_of([float(32 * (len(calls) + 1) % 10), 1.0])
+        calls.append(call)
+        return advantages
+
+    monkeypatch.setattr(ppo_continuous, "make_optimizers", make_optimizers)
+    monkeypatch.setattr(ppo_continuous, "compute_gae", compute_gae)
+    return calls
+
+
+def hand_returns(final_value, after_value, steps_before_first_end, bootstrap, gamma=0.5, reward=2.0,
+                 num_steps=32, episode=10):
+    """lambda = 1 returns of one env over a rollout: discounted rewards to the end of the episode, plus
+    gamma^k V(true final observation) on truncation (or nothing without bootstrapping), or V(observation after
+    the rollout) for the unfinished episode at the end."""
+    ends = list(range(steps_before_first_end, num_steps, episode))
+    returns = np.zeros(num_steps)
+    for t in reversed(range(num_steps)):
+        if t in ends:
+            returns[t] = reward + gamma * (final_value if bootstrap else 0.0)
+        elif t == num_steps - 1:
+            returns[t] = reward + gamma * after_value
+        else:
+            returns[t] = reward + gamma * returns[t + 1]
+    return returns
+
+
+@pytest.mark.parametrize("bootstrap", [True, False])
+def test_truncation_bootstraps_from_the_true_final_observation_through_the_rollout(indir, monkeypatch, bootstrap):
+    calls = spy_on_rollouts(monkeypatch)
+    ppo_continuous.train(fast_args(env_id="tests.envs:ConstantReward-v0", num_steps=32, total_timesteps=128,
+                                   gamma=0.5, gae_lambda=1.0, moving_average=False, norm_obs=False,
+                                   bootstrap_truncation=bootstrap, eval_horizon=None))
+    assert len(calls) == 2
+    for rollout, call in enumerate(calls):
+        first_end = 9 if rollout == 0 else 7  # episodes end at env steps 10, 20, ...: rollout steps 9, 19, 29 / 7, ...
+        ends = list(range(first_end, 32, 10))
+        assert [t for t in range(32) if call["truncated"][t].all()] == ends and call["truncated"].sum() == 2 * 3
+        assert call["gamma"] == 0.5 and call["gae_lambda"] == 1.0
+        np.testing.assert_array_equal(call["rewards"], 2.0)
+        if bootstrap:
+            assert not call["terminated"].any()  # a time-out is not a termination
+            np.testing.assert_allclose(call["truncation_values"][ends], call["final_value"], rtol=1e-6)
+        else:
+            np.testing.assert_array_equal(np.asarray(call["terminated"], bool), call["truncated"])
+        returns = call["advantages"] + call["values"]
+        want = hand_returns(call["final_value"], call["after_value"], first_end, bootstrap)
+        for env in range(2):
+            np.testing.assert_allclose(returns[:, env], want, rtol=1e-5, atol=1e-5)
