@@ -780,7 +780,7 @@ def train(args, on_evaluation=None):
                 # LOG
                 run.log_update(losses, ratios, buffers["values"], returns)
                 run.save_latest()
-            return run.finish(interrupted=stop["requested"])
+            return run.finish(on_evaluation, interrupted=stop["requested"])
         finally:
             run.close()
 
@@ -965,8 +965,9 @@ class Run:
             raise TrainError(str(error)) from None
         if on_evaluation is not None and on_evaluation(step, evaluation):
             self.stopped_by_callback = True
+        # The first evaluation always sets the best, so patience runs out only after at least one update.
         patience = self.args.early_stop_patience
-        if patience and self.counters["updates"] > 0 and self.evals_since_best >= patience:
+        if patience and self.evals_since_best >= patience:
             self.stopped_early = True
         return evaluation
 
@@ -1009,11 +1010,11 @@ class Run:
         if every and self.rollouts_seen % every == 0:
             save_atomic(make_checkpoint(self), self.run_dir / "latest.pt")
 
-    def finish(self, interrupted):
+    def finish(self, on_evaluation, interrupted):
         """Evaluate the last agent (unless interrupted, to stop at once), save final.pt with its own score,
         print where the run ended and return the summary."""
         self.progress.close()
-        final = None if interrupted or self.counters["updates"] == 0 else self.evaluate_candidate()
+        final = None if interrupted or self.counters["updates"] == 0 else self.evaluate_candidate(on_evaluation)
         save_atomic(make_checkpoint(self, final), self.run_dir / "final.pt")
         reason = ("interrupted" if interrupted else "early stop" if self.stopped_early
                   else "stopped by on_evaluation" if self.stopped_by_callback else "done")
