@@ -395,7 +395,7 @@ def test_cli_prints_lta_and_confidence_interval():
     "arguments, message",
     [
         (["--instance", "nope", "--steps", "100"], "unknown instance 'nope'"),
-        (["--policy", "best"], "--policy"),
+        (["--policy", "best"], "unknown policy 'best'"),
         (["--steps", "0"], "--steps"),
     ],
 )
