@@ -825,7 +825,8 @@ class Run:
         self.update = (compiled_minibatch_update(self.agent, self.optimizers, self.clip_groups, args,
                                                  self.minibatch_size) if args.compile else
                        functools.partial(minibatch_update, self.agent, self.optimizers, self.clip_groups, args))
-        with signal_handlers(signal.SIG_IGN):  # env subprocesses (--async-envs) ignore Ctrl-C and SIGTERM: this process stops them
+        # Env subprocesses (--async-envs) inherit this: they ignore Ctrl-C and SIGTERM, and this process stops them.
+        with signal_handlers(signal.SIG_IGN):
             self.envs, self.reward_normalizer = make_training_envs(args, env_kwargs, self.env_info)
         if resumed is not None and self.reward_normalizer is not None and resumed["reward_rms"] is not None:
             # The scale statistics carry over; the running returns of episodes that no longer exist do not.
