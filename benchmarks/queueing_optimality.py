@@ -50,12 +50,19 @@ def settings(options):
     return base + options.extra
 
 
+def env_kwargs(options):
+    kwargs = {"instance": options.instance}
+    if options.allocation != "proportional":
+        kwargs["allocation"] = options.allocation
+    return kwargs
+
+
 def train(options, seed, workdir):
     """Train one seed; returns (best.pt path, wall seconds, total steps)."""
     run_root = Path(workdir) / f"{options.instance}-{options.mode}-seed{seed}"
     run_root.mkdir(parents=True, exist_ok=False)
     command = [sys.executable, str(REPO / "ppo_continuous.py"), "--env-id", "queueing:QueueNetwork-v0",
-               "--env-kwargs", json.dumps({"instance": options.instance}), "--num-threads", "1",
+               "--env-kwargs", json.dumps(env_kwargs(options)), "--num-threads", "1",
                "--seed", str(seed), "--total-timesteps", str(options.total_timesteps), *settings(options)]
     if options.compile:
         command.append("--compile")
@@ -108,6 +115,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--instance", required=True, help="a shipped instance name or a JSON file")
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    parser.add_argument("--allocation", choices=["proportional", "priority"], default="proportional",
+                        help="the env's allocation rule (queueing/env.py): how the servers read the actions")
     parser.add_argument("--total-timesteps", type=int, default=4_000_000)
     parser.add_argument("--mode", choices=["average", "discounted"], default="average")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[],

@@ -6,7 +6,11 @@ server. One environment step is one time slot, processed in this order:
 1. Action: a weight in [0, 1] per buffer (values outside are clipped, NaN counts as 0).
 2. Service: each server picks ONE of its buffers that are non-empty and connected at the
    start of the slot, with probability proportional to the weights (uniformly among them if
-   all those weights are zero; the server idles if there is none). The picked buffer
+   all those weights are zero; the server idles if there is none). With the env option
+   `allocation="priority"` the action is instead a real-valued score per buffer (unbounded, not
+   clipped; NaN is the lowest) and each server picks the eligible buffer with the HIGHEST score
+   (ties uniformly): a fixed action is then a deterministic priority rule rather than a
+   randomised one, and a policy's scores never leave the action bounds. The picked buffer
    completes one job with probability mu_k (Bernoulli service). Service only ever uses the
    queues as they were at the start of the slot, so a job arriving in a slot cannot leave in
    the same slot.
@@ -39,6 +43,7 @@ whole batch of copies draws its numbers in one vectorised call.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -52,6 +57,7 @@ INSTANCES_DIR = Path(__file__).resolve().parent / "instances"
 REQUIRED_FIELDS = ("name", "arrival_rates", "service_rates", "holding_costs", "servers")
 OPTIONAL_FIELDS = ("description", "routing", "connectivity", "time")
 TIME_MODES = ("discrete", "continuous")
+ALLOCATIONS = ("proportional", "priority")
 # Tolerance for routing rows that sum to 1 up to rounding in the JSON file.
 ROW_SUM_TOLERANCE = 1e-9
 
@@ -251,11 +257,15 @@ class Network:
     routing_low: np.ndarray | None  # (K, K)
     routing_high: np.ndarray | None  # (K, K)
     connectivity: np.ndarray | None  # (K,) probability of being connected in a slot
+    allocation: str = "proportional"  # how a server turns weights into its pick: ALLOCATIONS
 
     @classmethod
-    def from_instance(cls, instance: str | dict | Network) -> Network:
+    def from_instance(cls, instance: str | dict | Network, allocation: str | None = None) -> Network:
+        """The network of an instance (name, JSON file or dict); `allocation` overrides its rule."""
+        if allocation is not None and allocation not in ALLOCATIONS:
+            raise ValueError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {allocation!r}")
         if isinstance(instance, Network):
-            return instance
+            return instance if allocation is None else dataclasses.replace(instance, allocation=allocation)
         spec = load_instance(instance)
         num_buffers = len(spec["arrival_rates"])
         membership = np.zeros((len(spec["servers"]), num_buffers))
@@ -285,6 +295,7 @@ class Network:
             routing_low=None if routing_high is None else np.pad(routing_high[:, :-1], ((0, 0), (1, 0))),
             routing_high=routing_high,
             connectivity=None if spec["connectivity"] is None else np.array(spec["connectivity"]),
+            allocation=allocation or "proportional",
         )
 
     @property
@@ -352,16 +363,25 @@ def _per_server_sum(values: np.ndarray, server_membership: np.ndarray) -> np.nda
     return (values[..., None, :] * server_membership).sum(axis=-1)
 
 
-def _effective_weights(weights, queues, connected, server_membership, server_of_buffer) -> np.ndarray:
-    """Weights restricted to non-empty connected buffers; all-zero servers fall back to uniform."""
+def _effective_weights(weights, queues, connected, server_membership, server_of_buffer, priority=False) -> np.ndarray:
+    """Weights restricted to non-empty connected buffers; all-zero servers fall back to uniform.
+
+    With `priority`, the weights are unbounded scores (NaN lowest) and only each server's eligible buffers of
+    the largest score keep a weight (1).
+    """
     eligible = (np.asarray(queues) > 0) & np.asarray(connected, dtype=bool)
+    if priority:
+        scores = np.where(eligible, np.nan_to_num(np.asarray(weights, dtype=np.float64), nan=-np.inf), -np.inf)
+        outside = np.where(np.asarray(server_membership) > 0, 0.0, -np.inf)
+        top = (scores[..., None, :] + outside).max(axis=-1)[..., server_of_buffer]
+        return (eligible & (scores == top)).astype(np.float64)
     masked = sanitize_weights(weights) * eligible
     all_zero = (_per_server_sum(masked, server_membership) == 0.0)[..., server_of_buffer]
     return np.where(all_zero, eligible, masked)
 
 
-def server_allocation(weights, queues, connected, server_membership) -> np.ndarray:
-    """Probability that each buffer is the one its server picks this slot.
+def server_allocation(weights, queues, connected, server_membership, priority=False) -> np.ndarray:
+    """Probability that each buffer is the one its server picks this slot (`priority`: largest weight wins).
 
     Arrays have shape (..., K); `server_membership` is (S, K) 0/1 (or bool), 1 where the server
     serves the buffer. For each server the probabilities over its buffers sum to 1, or to 0 when
@@ -369,7 +389,7 @@ def server_allocation(weights, queues, connected, server_membership) -> np.ndarr
     """
     server_membership = np.asarray(server_membership, dtype=np.float64)
     server_of_buffer = server_membership.argmax(axis=0)
-    effective = _effective_weights(weights, queues, connected, server_membership, server_of_buffer)
+    effective = _effective_weights(weights, queues, connected, server_membership, server_of_buffer, priority)
     total = _per_server_sum(effective, server_membership)[..., server_of_buffer]
     return np.divide(effective, total, out=np.zeros_like(effective), where=total > 0)
 
@@ -398,7 +418,8 @@ def step_dynamics(
     """
     num_buffers = network.num_buffers
     effective = _effective_weights(
-        weights, queues, connected, network.server_membership, network.server_of_buffer
+        weights, queues, connected, network.server_membership, network.server_of_buffer,
+        network.allocation == "priority",
     )
     # Exponential race: the buffer with the smallest Exp(1)/weight among a server's buffers is
     # picked with probability weight / (sum of the server's weights), exactly, with no
@@ -447,6 +468,12 @@ def observation(network: Network, queues: np.ndarray, connected: np.ndarray) -> 
     return np.concatenate([queues, connected], axis=-1).astype(np.float32)
 
 
+def action_space(network: Network) -> gym.spaces.Box:
+    """One copy's actions: weights in [0, 1], or unbounded scores with the priority allocation."""
+    low, high = (-np.inf, np.inf) if network.allocation == "priority" else (0.0, 1.0)
+    return gym.spaces.Box(low, high, (network.num_buffers,), np.float32)
+
+
 def parse_initial_queues(network: Network, initial_queues) -> np.ndarray:
     """The `initial_queues` reset option as int64 (K,); ValueError unless K non-negative integers."""
     queues = np.asarray(initial_queues)
@@ -467,17 +494,19 @@ class QueueNetworkEnv(gym.Env):
     """One copy of a queueing network; see the module docstring for the order of events in a step.
 
     Observation: queue lengths (float32), then, if the instance has `connectivity`, the 0/1
-    bits saying which buffers are connected in the coming slot. Action: Box(0, 1, (K,)) weights.
+    bits saying which buffers are connected in the coming slot. Action: Box(0, 1, (K,)) weights
+    (unbounded scores with `allocation="priority"`).
     `reset(options={"initial_queues": [...]})` starts from given queue lengths instead of empty.
+    `allocation`: "proportional" (default) or "priority", how servers read the weights (module docstring).
     """
 
     # "continuing": the task never ends; time limits only cut it into episodes.
     metadata = {"render_modes": [], "continuing": True}
 
-    def __init__(self, instance: str | dict = "single-server-2class"):
-        self.network = Network.from_instance(instance)
+    def __init__(self, instance: str | dict = "single-server-2class", allocation: str = "proportional"):
+        self.network = Network.from_instance(instance, allocation)
         num_buffers = self.network.num_buffers
-        self.action_space = gym.spaces.Box(0.0, 1.0, (num_buffers,), np.float32)
+        self.action_space = action_space(self.network)
         self.observation_space = gym.spaces.Box(0.0, np.inf, (self.network.observation_size,), np.float32)
         self._queues = np.zeros((1, num_buffers), dtype=np.int64)
         self._connected = np.ones((1, num_buffers), dtype=bool)

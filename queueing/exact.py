@@ -254,7 +254,8 @@ def policy_transition(model: TransitionModel, policy: Policy) -> scipy.sparse.cs
     for pattern, pattern_probability in zip(patterns, pattern_probabilities):
         connected = np.broadcast_to(pattern, space.queues.shape)
         weights = np.asarray(policy(observation(network, space.queues, connected)), dtype=np.float64)
-        allocation = server_allocation(weights, space.queues, connected, network.server_membership)
+        allocation = server_allocation(weights, space.queues, connected, network.server_membership,
+                                        network.allocation == "priority")
         for configuration, rows, matrix in zip(model.configurations, model.rows, model.matrices):
             probability = np.full(len(rows), pattern_probability)
             for server, buffer in enumerate(configuration):
@@ -388,8 +389,8 @@ def solve_until_converged(network: Network, start_level: int, policy: Policy | N
         previous, level = solution, max(level + 1, round(level * TRUNCATION_GROWTH))
 
 
-def checkpoint_policy(path: str) -> tuple[Policy, str | dict]:
-    """A trained checkpoint's deterministic policy, and the instance it was trained on."""
+def checkpoint_policy(path: str) -> tuple[Policy, str | dict, str]:
+    """A trained checkpoint's deterministic policy, the instance it was trained on, and the env's allocation rule."""
     import torch
 
     from ppo_continuous import load_checkpoint
@@ -397,7 +398,7 @@ def checkpoint_policy(path: str) -> tuple[Policy, str | dict]:
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
         env_kwargs = json.loads(saved["args"]["env_kwargs"])
-        instance = env_kwargs["instance"]
+        instance, allocation = env_kwargs["instance"], env_kwargs.get("allocation", "proportional")
     except (OSError, RuntimeError, EOFError, KeyError, TypeError, ValueError) as error:
         raise ValueError(f"cannot read a queueing instance from checkpoint '{path}': {error}") from None
     agent, normalize_obs = load_checkpoint(path)
@@ -406,7 +407,7 @@ def checkpoint_policy(path: str) -> tuple[Policy, str | dict]:
         with torch.inference_mode():
             return agent.get_deterministic_action(normalize_obs(observations)).numpy()
 
-    return policy, instance
+    return policy, instance, allocation
 
 
 class _OneLineErrorParser(argparse.ArgumentParser):
@@ -431,13 +432,13 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--truncation must be a positive integer, got {args.truncation}")
     try:
         policy, what = None, "optimal"
-        instance = args.instance or "single-server-2class"
+        instance, allocation = args.instance or "single-server-2class", None
         if args.checkpoint:
-            policy, checkpoint_instance = checkpoint_policy(args.checkpoint)
+            policy, checkpoint_instance, allocation = checkpoint_policy(args.checkpoint)
             if args.instance and load_instance(args.instance) != load_instance(checkpoint_instance):
                 raise ValueError(f"checkpoint '{args.checkpoint}' was trained on another instance than {args.instance!r}")
             instance, what = checkpoint_instance, f"checkpoint {args.checkpoint}"
-        network = Network.from_instance(instance)
+        network = Network.from_instance(instance, allocation)
         if args.policy:
             policy, what = make_policy(args.policy, network, exact=True), f"policy {args.policy}"
         result = solve_until_converged(network, args.truncation, policy)

@@ -19,6 +19,7 @@ from gymnasium.vector.utils import batch_space
 
 from queueing.env import (
     Network,
+    action_space,
     draw_connectivity,
     draw_key,
     holding_cost,
@@ -32,7 +33,8 @@ from queueing.env import (
 class QueueNetworkVectorEnv(VectorEnv):
     """`num_envs` independent copies of one network; see `queueing.env` for the rules of a slot.
 
-    `max_episode_steps` is the time limit per episode (None: episodes never end). The task is
+    `max_episode_steps` is the time limit per episode (None: episodes never end); `allocation` as
+    for the single env. The task is
     continuing, so `terminated` is always False.
     """
 
@@ -43,6 +45,7 @@ class QueueNetworkVectorEnv(VectorEnv):
         num_envs: int = 1,
         instance: str | dict | Network = "single-server-2class",
         max_episode_steps: int | None = None,
+        allocation: str = "proportional",
     ):
         if not isinstance(num_envs, int) or isinstance(num_envs, bool) or num_envs < 1:
             raise ValueError(f"num_envs must be a positive integer, got {num_envs!r}")
@@ -50,11 +53,11 @@ class QueueNetworkVectorEnv(VectorEnv):
             not isinstance(max_episode_steps, int) or isinstance(max_episode_steps, bool) or max_episode_steps < 1
         ):
             raise ValueError(f"max_episode_steps must be a positive integer or None, got {max_episode_steps!r}")
-        self.network = Network.from_instance(instance)
+        self.network = Network.from_instance(instance, allocation)
         self.num_envs = num_envs
         self.max_episode_steps = max_episode_steps
         num_buffers = self.network.num_buffers
-        self.single_action_space = Box(0.0, 1.0, (num_buffers,), np.float32)
+        self.single_action_space = action_space(self.network)
         self.single_observation_space = Box(0.0, np.inf, (self.network.observation_size,), np.float32)
         self.action_space = batch_space(self.single_action_space, num_envs)
         self.observation_space = batch_space(self.single_observation_space, num_envs)

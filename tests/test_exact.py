@@ -82,6 +82,17 @@ def test_single_server_2class_optimum_is_the_cmu_value():
     assert longest.fine.lta_return < optimum.lta_return - 0.3
 
 
+def test_priority_allocation_turns_constant_weights_into_a_strict_priority():
+    def constant(observations):
+        return np.tile([0.6, 0.4], (len(observations), 1))
+
+    cmu, _ = solve_truncation(Network.from_instance("single-server-2class"), 60)
+    priority, _ = solve_truncation(Network.from_instance("single-server-2class", "priority"), 60, constant)
+    proportional, _ = solve_truncation(Network.from_instance("single-server-2class"), 60, constant)
+    assert priority.lta_return == pytest.approx(cmu.lta_return, abs=1e-5)
+    assert proportional.lta_return < cmu.lta_return - 0.05
+
+
 def test_fixed_policy_value_agrees_with_a_long_simulation():
     network = Network.from_instance("single-server-2class")
     exact = solve_until_converged(network, 30, make_policy("maxweight", network, exact=True)).fine.lta_return
@@ -154,21 +165,22 @@ def test_cli_errors_are_one_line(arguments, message):
     assert message in result.stderr
 
 
-def test_checkpoint_exact_value_matches_a_simulation_of_its_policy(tmp_path):
+@pytest.mark.parametrize("allocation", ["proportional", "priority"])
+def test_checkpoint_exact_value_matches_a_simulation_of_its_policy(tmp_path, allocation):
     instance = {"name": "tiny-2class", "arrival_rates": [0.2, 0.2], "service_rates": [0.8, 0.5],
                 "holding_costs": [1.0, 1.0], "servers": [[0, 1]]}
     instance_path = tmp_path / "tiny.json"
     instance_path.write_text(json.dumps(instance))
+    extra_kwargs = {} if allocation == "proportional" else {"allocation": allocation}  # the default stays implicit
     train = subprocess.run(
         [sys.executable, str(REPO_ROOT / "ppo_continuous.py"), "--env-id", "queueing:QueueNetwork-v0",
-         "--env-kwargs", json.dumps({"instance": str(instance_path)}), "--total-timesteps", "256",
+         "--env-kwargs", json.dumps({"instance": str(instance_path), **extra_kwargs}), "--total-timesteps", "256",
          "--num-envs", "1", "--num-steps", "256", "--num-minibatches", "4", "--update-epochs", "1",
          "--eval-episodes", "None", "--checkpoint-dir", str(tmp_path / "registry")],
         cwd=tmp_path, capture_output=True, text=True, timeout=300,
         env={"PYTHONPATH": str(REPO_ROOT), "PATH": "/usr/bin:/bin"},
     )
-    if train.returncode != 0:
-        pytest.skip(f"the trainer could not make a checkpoint: {train.stderr.strip().splitlines()[-1:]}")
+    assert train.returncode == 0, train.stderr
     checkpoint = next(tmp_path.glob("runs/*/final.pt"))
     result = run_exact("--checkpoint", str(checkpoint), "--truncation", "25", timeout=300)
     assert result.returncode == 0, result.stderr
@@ -176,7 +188,26 @@ def test_checkpoint_exact_value_matches_a_simulation_of_its_policy(tmp_path):
 
     from queueing.exact import checkpoint_policy
 
-    policy, trained_instance = checkpoint_policy(str(checkpoint))
-    assert trained_instance == str(instance_path)
-    simulated, half_width = evaluate_policy(trained_instance, policy, steps=100_000, seed=3, num_copies=32)
+    policy, trained_instance, trained_allocation = checkpoint_policy(str(checkpoint))
+    assert (trained_instance, trained_allocation) == (str(instance_path), allocation)
+    network = Network.from_instance(trained_instance, allocation)
+    simulated, half_width = evaluate_policy(network, policy, steps=100_000, seed=3, num_copies=32)
     assert abs(simulated - exact) <= 1.5 * half_width
+
+    # The same checkpoint made to act (0.6, 0.4) everywhere: strict priority to buffer 0 (the c-mu rule) under
+    # the priority rule, a 60/40 random choice under the proportional one. The solver must read the rule.
+    import torch
+
+    saved = torch.load(checkpoint, weights_only=True)
+    last_layer = max(key[: -len(".weight")] for key in saved["agent"] if key.startswith("actor_mean.")
+                     and key.endswith(".weight"))
+    saved["agent"][f"{last_layer}.weight"].zero_()
+    saved["agent"][f"{last_layer}.bias"].copy_(torch.tensor([0.6, 0.4]))
+    torch.save(saved, tmp_path / "constant.pt")
+    result = run_exact("--checkpoint", str(tmp_path / "constant.pt"), "--truncation", "25", timeout=300)
+    constant = float(result.stdout.split("exact LTA return ")[1].split()[0])
+    cmu = solve_until_converged(network, 25, make_policy("cmu", network, exact=True)).fine.lta_return
+    if allocation == "priority":
+        assert constant == pytest.approx(cmu, abs=1e-4)
+    else:
+        assert constant < cmu - 0.01

@@ -170,6 +170,31 @@ def test_allocation_is_per_server_and_idle_servers_get_nothing():
     np.testing.assert_allclose(probabilities, [0.75, 0.25, 0.0, 0.0])
 
 
+def test_priority_allocation_serves_the_largest_eligible_weight_and_splits_ties():
+    two_servers = np.array([[1, 1, 0, 0], [0, 0, 1, 1]])
+    # Server 0: buffer 0 has the larger weight but is empty, so buffer 1 wins; server 1: a tie.
+    probabilities = server_allocation([0.9, 0.2, 0.4, 0.4], [0, 2, 1, 1], [1, 1, 1, 1], two_servers, priority=True)
+    np.testing.assert_allclose(probabilities, [0.0, 1.0, 0.5, 0.5])
+    probabilities = server_allocation([np.nan, 3.0, 0.5, -1.0], [1, 1, 1, 1], [1, 1, 1, 1], ONE_SERVER, priority=True)
+    np.testing.assert_allclose(probabilities, [0.0, 1.0, 0.0, 0.0])  # scores are not clipped; NaN is lowest
+    probabilities = server_allocation([5.0, 2.0, 7.0, 3.0], [1, 1, 1, 1], [1, 1, 1, 1], ONE_SERVER, priority=True)
+    np.testing.assert_allclose(probabilities, [0.0, 0.0, 1.0, 0.0])
+    probabilities = server_allocation([0.0, 0.0, 0.0, 0.9], [3, 3, 3, 0], [1, 0, 1, 1], ONE_SERVER, priority=True)
+    np.testing.assert_allclose(probabilities, [0.5, 0.0, 0.5, 0.0])
+
+
+def test_priority_allocation_makes_the_env_follow_the_largest_weight():
+    network = Network.from_instance(make_instance(service_rates=[1.0, 1.0, 1.0], arrival_rates=[0, 0, 0],
+                                                  holding_costs=[1, 1, 1], servers=[[0, 1, 2]]), "priority")
+    copies = 2000
+    weights = np.tile([0.1, 0.3, 0.6], (copies, 1))
+    uniforms = np.random.default_rng(0).random((copies, network.draws_per_slot))
+    _, _, completed = step_dynamics(network, np.full((copies, 3), 5), np.ones((copies, 3), bool), weights, uniforms)
+    assert completed[:, 2].all() and not completed[:, :2].any()
+    with pytest.raises(ValueError, match="allocation must be one of proportional, priority"):
+        Network.from_instance("criss-cross", "argmax")
+
+
 def test_sampled_service_frequencies_match_the_allocation():
     network = Network.from_instance(make_instance(service_rates=[1.0, 1.0, 1.0], arrival_rates=[0, 0, 0],
                                                   holding_costs=[1, 1, 1], servers=[[0, 1, 2]]))
