@@ -1189,24 +1189,17 @@ def resolved_args(args):
         actor_lr=args.learning_rate if args.actor_lr is None else args.actor_lr,
         critic_lr=args.learning_rate if args.critic_lr is None else args.critic_lr,
         hidden_sizes=tuple(args.hidden_sizes))
-    option = lambda name: f"--{name.replace('_', '-')}"  # noqa: E731
-    for name in ["total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs", "num_threads",
-                 "learning_rate", "actor_lr", "critic_lr", "clip_coef", "clip_reward", "clip_obs", "top_k"]:
-        if not getattr(resolved, name) > 0:
-            raise TrainError(f"{option(name)} must be positive, got {getattr(resolved, name)}")
-    for name in ["reset_steps", "max_grad_norm", "target_kl", "early_stop_patience", "eval_episodes",
-                 "eval_horizon", "eval_every"]:
-        if getattr(resolved, name) is not None and not getattr(resolved, name) > 0:
-            raise TrainError(f"{option(name)} must be positive (or None), got {getattr(resolved, name)}")
-    for name in ["eval_warmup", "save_latest_every"]:
-        if getattr(resolved, name) is not None and getattr(resolved, name) < 0:
-            raise TrainError(f"{option(name)} must be zero or positive, got {getattr(resolved, name)}")
-    for name in ["gamma", "gae_lambda"]:
-        if not 0 <= getattr(resolved, name) <= 1:
-            raise TrainError(f"{option(name)} must be in [0, 1], got {getattr(resolved, name)}")
-    for name in ["rho_step_size", "lr_decay_rate", "eval_budget"]:
-        if not 0 < getattr(resolved, name) <= 1:
-            raise TrainError(f"{option(name)} must be in (0, 1], got {getattr(resolved, name)}")
+    for names, valid, requirement in [
+        (["total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs", "num_threads", "learning_rate",
+          "actor_lr", "critic_lr", "clip_coef", "clip_reward", "clip_obs", "top_k"], lambda v: v > 0, "positive"),
+        (["reset_steps", "max_grad_norm", "target_kl", "early_stop_patience", "eval_episodes", "eval_horizon",
+          "eval_every"], lambda v: v is None or v > 0, "positive (or None)"),
+        (["eval_warmup", "save_latest_every"], lambda v: v is None or v >= 0, "zero or positive"),
+        (["gamma", "gae_lambda"], lambda v: 0 <= v <= 1, "in [0, 1]"),
+        (["rho_step_size", "lr_decay_rate", "eval_budget"], lambda v: 0 < v <= 1, "in (0, 1]")]:
+        for name in names:
+            if not valid(getattr(resolved, name)):
+                raise TrainError(f"--{name.replace('_', '-')} must be {requirement}, got {getattr(resolved, name)}")
     if resolved.average_reward and resolved.gamma != 1:
         raise TrainError(f"--average-reward needs --gamma 1 (got {resolved.gamma}): centring the differential values "
                          f"is exact only without discounting")
