@@ -781,6 +781,11 @@ def train(args, on_evaluation=None):
                 run.log_update(losses, ratios, buffers["values"], returns)
                 run.save_latest()
             return run.finish(on_evaluation, interrupted=stop["requested"])
+        except TrainError:  # found only in training (an env that terminates, say): leave no folder without a checkpoint
+            run.close()
+            if not any(run.run_dir.glob("*.pt")):
+                shutil.rmtree(run.run_dir, ignore_errors=True)
+            raise
         finally:
             run.close()
 

@@ -92,6 +92,7 @@ def test_average_reward_on_a_terminating_env_is_exit_2(indir, capsys):
                                 "--total-timesteps", "512", "--eval-episodes", "2"])
     assert code == 2
     assert "--average-reward is for continuing tasks" in one_line_error(capsys.readouterr().err)
+    assert run_dirs(indir) == []
 
 
 @pytest.mark.parametrize("env_kwargs, warns", [("{}", True), ('{"terminate_after": 5}', False)])
