@@ -10,18 +10,18 @@ from queueing.env import Network, QueueNetworkEnv, slot_uniforms
 from queueing.vector_env import QueueNetworkVectorEnv
 
 ENV_ID = "queueing:QueueNetwork-v0"
-INSTANCES = ["single-server-2class", "criss-cross", "connectivity-4buffer", "criss-cross-bh"]
+INSTANCES = ["single-server-2class", "criss-cross", "connectivity-4buffer", "criss-cross-bh", "reentrant-line"]
 
 
-def sync_env(instance, num_envs, max_episode_steps):
+def sync_env(instance, num_envs, max_episode_steps, **kwargs):
     return gym.make_vec(ENV_ID, num_envs=num_envs, vectorization_mode="sync",
                         vector_kwargs={"autoreset_mode": AutoresetMode.SAME_STEP},
-                        instance=instance, max_episode_steps=max_episode_steps)
+                        instance=instance, max_episode_steps=max_episode_steps, **kwargs)
 
 
-def native_env(instance, num_envs, max_episode_steps):
+def native_env(instance, num_envs, max_episode_steps, **kwargs):
     return gym.make_vec(ENV_ID, num_envs=num_envs, vectorization_mode="vector_entry_point",
-                        instance=instance, max_episode_steps=max_episode_steps)
+                        instance=instance, max_episode_steps=max_episode_steps, **kwargs)
 
 
 def assert_same_infos(expected: dict, actual: dict):
@@ -50,10 +50,13 @@ def assert_steps_match(expected, actual):
     assert_same_infos(expected[4], actual[4])
 
 
-@pytest.mark.parametrize("instance", INSTANCES)
-def test_identical_to_sync_vector_env_of_single_envs_across_time_limits(instance):
+@pytest.mark.parametrize("instance, allocation", [(name, "proportional") for name in INSTANCES]
+                         + [("criss-cross", "priority"), ("connectivity-4buffer", "priority")])
+def test_identical_to_sync_vector_env_of_single_envs_across_time_limits(instance, allocation):
     num_envs, limit = 4, 25
-    sync, native = sync_env(instance, num_envs, limit), native_env(instance, num_envs, limit)
+    sync = sync_env(instance, num_envs, limit, allocation=allocation)
+    native = native_env(instance, num_envs, limit, allocation=allocation)
+    assert native.single_action_space == sync.single_action_space
     assert isinstance(native, QueueNetworkVectorEnv)
     expected_obs, _ = sync.reset(seed=5)
     obs, _ = native.reset(seed=5)
