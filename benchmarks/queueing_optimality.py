@@ -1,12 +1,13 @@
 """How close PPO gets to the exact optimum of a queueing instance (issue 11).
 
     python benchmarks/queueing_optimality.py --instance criss-cross --seeds 1 2 3
-    python benchmarks/queueing_optimality.py --instance single-server-2class --seeds 1 2 3 --total-timesteps 1000000
+    python benchmarks/queueing_optimality.py --instance single-server-2class --seeds 1 2 3 --total-timesteps 4000000
+    python benchmarks/queueing_optimality.py --instance criss-cross --allocation proportional --total-timesteps 4000000
     nice -n 5 python benchmarks/queueing_optimality.py --instance criss-cross --seeds 1 --optimum -9.9604 --curves cc.png
 
 For each seed it trains PPO through the CLI with the settings the README recommends for the queueing instances
-(`RECOMMENDED` below; `--extra` appends or overrides options, `--mode discounted` drops `--average-reward`, so gamma is
-the trainer's default 0.99), then computes the exact LTA return of the run's `best.pt` (the agent with the best evaluated score)
+(`RECOMMENDED` below, on the env with `allocation="priority"`, 20M steps; `--extra` appends or overrides options,
+`--mode discounted` drops `--average-reward`, so gamma is the trainer's default 0.99), then computes the exact LTA return of the run's `best.pt` (the agent with the best evaluated score)
 with `python -m queueing.exact --checkpoint`, and the instance's optimum with `python -m queueing.exact --instance`
 (unless `--optimum` gives it). It prints one Markdown table row per seed (exact cost, optimum, gap, the steps of the
 best checkpoint and of the run, wall time) and the path of every checkpoint it evaluated. `--curves FILE.png` draws
@@ -30,7 +31,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 # The README's recommended settings for the queueing instances ("PPO on the queueing instances").
-RECOMMENDED = ["--num-envs", "32", "--num-steps", "256", "--num-minibatches", "8", "--reset-steps", "5000", "--average-reward"]
+RECOMMENDED = ["--num-envs", "64", "--num-steps", "256", "--num-minibatches", "16", "--reset-steps", "5000", "--average-reward"]
 EXACT_RETURN = re.compile(r"exact LTA return (\S+)")
 
 
@@ -51,7 +52,9 @@ def settings(options):
 
 
 def env_kwargs(options):
-    kwargs = {"instance": options.instance}
+    # A file given by a relative path must still be found from the run's own folder.
+    instance = str(Path(options.instance).resolve()) if Path(options.instance).is_file() else options.instance
+    kwargs = {"instance": instance}
     if options.allocation != "proportional":
         kwargs["allocation"] = options.allocation
     return kwargs
@@ -59,7 +62,7 @@ def env_kwargs(options):
 
 def train(options, seed, workdir):
     """Train one seed; returns (best.pt path, wall seconds, total steps)."""
-    run_root = Path(workdir) / f"{options.instance}-{options.mode}-seed{seed}"
+    run_root = Path(workdir) / f"{Path(options.instance).stem}-{options.mode}-seed{seed}"
     run_root.mkdir(parents=True, exist_ok=False)
     command = [sys.executable, str(REPO / "ppo_continuous.py"), "--env-id", "queueing:QueueNetwork-v0",
                "--env-kwargs", json.dumps(env_kwargs(options)), "--num-threads", "1",
@@ -115,9 +118,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--instance", required=True, help="a shipped instance name or a JSON file")
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
-    parser.add_argument("--allocation", choices=["proportional", "priority"], default="proportional",
+    parser.add_argument("--allocation", choices=["proportional", "priority"], default="priority",
                         help="the env's allocation rule (queueing/env.py): how the servers read the actions")
-    parser.add_argument("--total-timesteps", type=int, default=4_000_000)
+    parser.add_argument("--total-timesteps", type=int, default=20_000_000)
     parser.add_argument("--mode", choices=["average", "discounted"], default="average")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
                         help="further trainer options, after all others (must come last)")
@@ -134,7 +137,9 @@ def main():
     workdir = options.workdir or tempfile.mkdtemp(prefix="queueing-optimality-")
     with ThreadPoolExecutor(options.parallel) as pool:
         futures = {seed: pool.submit(train, options, seed, workdir) for seed in options.seeds}
-        optimum = options.optimum if options.optimum is not None else exact_lta("--instance", options.instance)
+        optimum = options.optimum
+        if optimum is None:
+            optimum = exact_lta("--instance", env_kwargs(options)["instance"])
         trained = {seed: future.result() for seed, future in futures.items()}
     # The exact solves are memory-hungry sparse factorisations: one at a time.
     exact = {seed: exact_lta("--checkpoint", str(best)) for seed, (best, _) in trained.items()}
