@@ -6,8 +6,8 @@
     nice -n 5 python benchmarks/queueing_optimality.py --instance criss-cross --seeds 1 --optimum -9.9604 --curves cc.png
 
 For each seed it trains PPO through the CLI with the settings the README recommends for the queueing instances
-(`RECOMMENDED` below, on the env with `allocation="priority"`, 20M steps; `--extra` appends or overrides options,
-`--mode discounted` drops `--average-reward`, so gamma is the trainer's default 0.99), then computes the exact LTA return of the run's `best.pt` (the agent with the best evaluated score)
+(`RECOMMENDED` below, on the env with `allocation="priority"`, 20M steps, the discounted mode with the trainer's
+default gamma 0.99; `--mode average` adds `--average-reward`; `--extra` appends or overrides options), then computes the exact LTA return of the run's `best.pt` (the agent with the best evaluated score)
 with `python -m queueing.exact --checkpoint`, and the instance's optimum with `python -m queueing.exact --instance`
 (unless `--optimum` gives it). It prints one Markdown table row per seed (exact cost, optimum, gap, the steps of the
 best checkpoint and of the run, wall time) and the path of every checkpoint it evaluated. `--curves FILE.png` draws
@@ -31,7 +31,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 # The README's recommended settings for the queueing instances ("PPO on the queueing instances").
-RECOMMENDED = ["--num-envs", "64", "--num-steps", "256", "--num-minibatches", "16", "--reset-steps", "5000", "--average-reward"]
+RECOMMENDED = ["--num-envs", "64", "--num-steps", "256", "--num-minibatches", "16", "--reset-steps", "5000"]
 EXACT_RETURN = re.compile(r"exact LTA return (\S+)")
 
 
@@ -46,8 +46,8 @@ def exact_lta(*args):
 
 def settings(options):
     base = list(RECOMMENDED)
-    if options.mode == "discounted":
-        base.remove("--average-reward")  # the trainer's default discount, gamma 0.99
+    if options.mode == "average":
+        base.append("--average-reward")
     return base + options.extra
 
 
@@ -121,7 +121,7 @@ def main():
     parser.add_argument("--allocation", choices=["proportional", "priority"], default="priority",
                         help="the env's allocation rule (queueing/env.py): how the servers read the actions")
     parser.add_argument("--total-timesteps", type=int, default=20_000_000)
-    parser.add_argument("--mode", choices=["average", "discounted"], default="average")
+    parser.add_argument("--mode", choices=["average", "discounted"], default="discounted")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
                         help="further trainer options, after all others (must come last)")
     parser.add_argument("--eval-every", type=int, default=None, help="the trainer's --eval-every")
