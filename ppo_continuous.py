@@ -781,13 +781,8 @@ def train(args, on_evaluation=None):
                 run.log_update(losses, ratios, buffers["values"], returns)
                 run.save_latest()
             return run.finish(on_evaluation, interrupted=stop["requested"])
-        except TrainError:  # found only in training (an env that terminates, say): leave no folder without a checkpoint
-            run.close()
-            if not any(run.run_dir.glob("*.pt")):
-                shutil.rmtree(run.run_dir, ignore_errors=True)
-            raise
         finally:
-            run.close()
+            run.close(failed=isinstance(sys.exc_info()[1], TrainError))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1036,13 +1031,17 @@ class Run:
                 "stats": self.stats, "timing": self.timing, "interrupted": interrupted,
                 "stopped_early": self.stopped_early}
 
-    def close(self):
+    def close(self, failed=False):
+        """Release envs and loggers; a run that failed on bad input (found only in training, such as an env that
+        terminates) leaves no folder behind unless it saved a checkpoint."""
         self.progress.close()
         self.envs.close()
         self.writer.close()
         if self.args.track:
             import wandb
             wandb.finish()
+        if failed and not any(self.run_dir.glob("*.pt")):
+            shutil.rmtree(self.run_dir, ignore_errors=True)
 
 
 def open_registry(args, instance, protocol):

@@ -7,8 +7,9 @@
 
 For each seed it trains PPO through the CLI with the settings the README recommends for the queueing instances
 (`RECOMMENDED` below, on the env with `allocation="priority"`, 20M steps, the discounted mode with the trainer's
-default gamma 0.99; `--mode average` adds `--average-reward`; `--extra` appends or overrides options), then computes the exact LTA return of the run's `best.pt` (the agent with the best evaluated score)
-with `python -m queueing.exact --checkpoint`, and the instance's optimum with `python -m queueing.exact --instance`
+default gamma 0.99; `--mode average` adds `--average-reward`; `--extra` appends or overrides options), then
+computes the exact LTA return of the run's `best.pt` (the agent with the best evaluated score) with
+`python -m queueing.exact --checkpoint`, and the instance's optimum with `python -m queueing.exact --instance`
 (unless `--optimum` gives it). It prints one Markdown table row per seed (exact cost, optimum, gap, the steps of the
 best checkpoint and of the run, wall time) and the path of every checkpoint it evaluated. `--curves FILE.png` draws
 each run's evaluated score (the trainer's `eval/LTA_return`, simulated under the fixed evaluation protocol) as a gap

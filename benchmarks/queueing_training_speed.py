@@ -28,8 +28,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 OLD_SETTINGS = ["--num-envs", "8", "--num-steps", "256", "--reset-steps", "5000"]
-RECOMMENDED = ["--num-envs", "64", "--num-steps", "256", "--num-minibatches", "16", "--reset-steps", "5000",
-               "--average-reward", "--compile"]
+RECOMMENDED = ["--num-envs", "64", "--num-steps", "256", "--num-minibatches", "16", "--reset-steps", "5000", "--compile"]
 PROGRESS_SPS = re.compile(r"SPS (\d+)")
 EVAL_SECONDS = re.compile(r"evaluations took ([\d.]+) s of ([\d.]+) s")
 

@@ -371,7 +371,8 @@ def _effective_weights(weights, queues, connected, server_membership, server_of_
     """
     eligible = (np.asarray(queues) > 0) & np.asarray(connected, dtype=bool)
     if priority:
-        scores = np.where(eligible, np.nan_to_num(np.asarray(weights, dtype=np.float64), nan=-np.inf), -np.inf)
+        scores = np.asarray(weights, dtype=np.float64)
+        scores = np.where(eligible & ~np.isnan(scores), scores, -np.inf)
         outside = np.where(np.asarray(server_membership) > 0, 0.0, -np.inf)
         top = (scores[..., None, :] + outside).max(axis=-1)[..., server_of_buffer]
         return (eligible & (scores == top)).astype(np.float64)

@@ -34,8 +34,7 @@ class QueueNetworkVectorEnv(VectorEnv):
     """`num_envs` independent copies of one network; see `queueing.env` for the rules of a slot.
 
     `max_episode_steps` is the time limit per episode (None: episodes never end); `allocation` as
-    for the single env. The task is
-    continuing, so `terminated` is always False.
+    for the single env. The task is continuing, so `terminated` is always False.
     """
 
     metadata = {"autoreset_mode": AutoresetMode.SAME_STEP, "continuing": True, "render_modes": []}
