@@ -25,8 +25,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import queueing  # noqa: E402,F401  (registers QueueNetwork-v0)
-from ppo_continuous import (agent_from_checkpoint, check_env, deterministic_numpy_policy, evaluate,  # noqa: E402
-                            observation_stats, read_checkpoint)
+from ppo_continuous import agent_from_checkpoint  # noqa: E402
+from ppo_support import (check_env, deterministic_numpy_policy, evaluate, observation_stats,  # noqa: E402
+                         read_checkpoint)
 
 CASES = {
     "Pendulum-v1": {"train": ["--env-id", "Pendulum-v1", "--total-timesteps", "100000"],

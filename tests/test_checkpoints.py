@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import ppo_continuous
+import ppo_support
 from ppo_continuous import TrainError, load_checkpoint, train
 from tests.conftest import REPO, fast_args, one_line_error, run_dirs, scalars, values
 
@@ -35,7 +36,7 @@ def test_registry_keeps_the_top_k_evaluated_scores_over_runs(indir):
         assert checkpoint["score"] == entry["score"] and checkpoint["half_width"] == entry["half_width"] >= 0
         assert checkpoint["instance"] == "Pendulum-v1" and checkpoint["global_step"] == entry["global_step"]
         assert checkpoint["protocol"] == index["protocol"]
-        assert set(ppo_continuous.CHECKPOINT_KEYS) <= set(checkpoint)
+        assert set(ppo_support.CHECKPOINT_KEYS) <= set(checkpoint)
     # The leaderboard lists them.
     board = subprocess.run([sys.executable, str(REPO / "checkpoint_saver.py"), "runs/checkpoints"], cwd=indir,
                            capture_output=True, text=True)
@@ -68,7 +69,7 @@ def test_load_checkpoint_reproduces_the_training_time_policy_exactly(indir):
     agent, obs_rms = summary["agent"], summary["obs_rms"]
     raw = np.random.default_rng(0).normal(scale=3.0, size=(50, 3)).astype(np.float32)
     with torch.no_grad():
-        training_input = torch.from_numpy(ppo_continuous.normalize_observation(raw, obs_rms.mean, obs_rms.var, 10.0))
+        training_input = torch.from_numpy(ppo_support.normalize_observation(raw, obs_rms.mean, obs_rms.var, 10.0))
         want_action = agent.get_deterministic_action(training_input)
         want_value = agent.get_value(training_input)
         loaded, normalize_obs = load_checkpoint(summary["run_dir"] / "final.pt")
@@ -82,7 +83,7 @@ def test_load_checkpoint_of_a_squashed_policy_acts_as_evaluation_scored_it(indir
     summary = train(fast_args(total_timesteps=256, squash_actions=True))
     loaded, normalize_obs = load_checkpoint(summary["run_dir"] / "final.pt")
     obs_rms = summary["obs_rms"]
-    scored = ppo_continuous.deterministic_numpy_policy(summary["agent"], (obs_rms.mean, obs_rms.var), 10.0)
+    scored = ppo_support.deterministic_numpy_policy(summary["agent"], (obs_rms.mean, obs_rms.var), 10.0)
     raw = np.random.default_rng(1).normal(scale=3.0, size=(20, 3)).astype(np.float32)
     with torch.no_grad():
         action = loaded.get_deterministic_action(normalize_obs(raw)).numpy()

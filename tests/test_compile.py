@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import ppo_continuous
+import ppo_support
 from tests.conftest import FAST, FAST_EVAL, one_line_error, run_cli, run_dirs, scalars
 
 PENDULUM = ["--env-id", "Pendulum-v1", "--reset-steps", 32, *FAST, *FAST_EVAL]
@@ -29,6 +30,13 @@ def random_minibatches(agent, count, size=64, seed=0):
     return minibatches
 
 
+def compiled_update(agent, optimizers, clip_groups, args, minibatch_size):
+    """The compiled update with the trainer's loss and clipping, as `ppo_continuous.Run` builds it."""
+    return ppo_support.compiled_minibatch_update(agent, optimizers, clip_groups,
+                                                 functools.partial(ppo_continuous.ppo_loss, args=args),
+                                                 args.max_grad_norm, minibatch_size)
+
+
 def halve_learning_rates(optimizers):
     for optimizer in optimizers:
         for group in optimizer.param_groups:
@@ -39,7 +47,7 @@ def train_on(minibatches, agent, args, compiled):
     """The minibatch updates one after the other, halving the learning rates half-way (as a schedule would)."""
     optimizers, clip_groups = ppo_continuous.make_optimizers(agent, args)
     if compiled:
-        update = ppo_continuous.compiled_minibatch_update(agent, optimizers, clip_groups, args, len(minibatches[0][0]))
+        update = compiled_update(agent, optimizers, clip_groups, args, len(minibatches[0][0]))
     else:
         update = functools.partial(ppo_continuous.minibatch_update, agent, optimizers, clip_groups, args)
     parts = []
@@ -93,7 +101,7 @@ def test_compiled_update_clips_gradients():
     agent = ppo_continuous.Agent(5, 2)
     optimizers, clip_groups = ppo_continuous.make_optimizers(agent, args)
     minibatch = random_minibatches(agent, 1)[0]
-    ppo_continuous.compiled_minibatch_update(agent, optimizers, clip_groups, args, len(minibatch[0]))(minibatch)
+    compiled_update(agent, optimizers, clip_groups, args, len(minibatch[0]))(minibatch)
     # After one step Adam's first moment is (1 - beta1) x the gradient it was given: the clipped gradient.
     moments = torch.cat([optimizers[0].state[param]["exp_avg"].flatten() for param in agent.parameters()])
     assert torch.linalg.vector_norm(moments).item() / 0.1 == pytest.approx(1e-3, rel=1e-4)
@@ -108,7 +116,7 @@ def test_compiled_update_refuses_an_optimizer_it_does_not_mirror():
     for optimizer in ([torch.optim.SGD(agent.parameters(), lr=0.1)],
                       [torch.optim.Adam(agent.parameters(), lr=0.1, amsgrad=True)]):
         with pytest.raises(TypeError, match="torch.optim.Adam without amsgrad"):
-            ppo_continuous.compiled_minibatch_update(agent, optimizer, clip_groups, args, 64)
+            compiled_update(agent, optimizer, clip_groups, args, 64)
 
 
 def test_cli_compile_resumes_an_eager_checkpoint_and_continues_its_adam_state(workdir):

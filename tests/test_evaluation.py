@@ -7,8 +7,9 @@ import pytest
 import torch
 
 import ppo_continuous
-from ppo_continuous import (Agent, Args, check_env, cli_args, deterministic_numpy_policy, evaluate,
-                            evaluate_checkpoint, evaluation_protocol, train)
+import ppo_support
+from ppo_continuous import Agent, Args, cli_args, evaluate_checkpoint, train
+from ppo_support import check_env, deterministic_numpy_policy, evaluate, evaluation_protocol
 from queueing.baselines import POLICIES
 from tests.conftest import fast_args, one_line_error, run_cli, run_dirs
 
@@ -143,14 +144,14 @@ def baseline_scores():
     args, _ = ppo_continuous.resolved_args(Args(env_id=QUEUEING, env_kwargs=json.dumps(SINGLE_SERVER)))
     default = evaluation_protocol(args, info)
     per_copy, scores = [], {}
-    original = ppo_continuous.mean_confidence_interval
+    original = ppo_support.mean_confidence_interval
 
     def spy(values, *rest):
         per_copy.append(np.array(values))
         return original(values, *rest)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(ppo_continuous, "mean_confidence_interval", spy)
+        patch.setattr(ppo_support, "mean_confidence_interval", spy)
         for name in ("cmu", "longest"):
             scores[name] = evaluate(POLICIES[name]("single-server-2class"), QUEUEING, SINGLE_SERVER, default,
                                     info["native_vector"])
@@ -173,7 +174,7 @@ def test_common_random_numbers_make_paired_differences_precise(baseline_scores):
     _, _, scores = baseline_scores
     cmu, longest = scores["cmu"], scores["longest"]
     assert longest["mean"] < cmu["mean"]  # c-mu is optimal
-    difference, difference_half_width = ppo_continuous.mean_confidence_interval(cmu["per_copy"] - longest["per_copy"])
+    difference, difference_half_width = ppo_support.mean_confidence_interval(cmu["per_copy"] - longest["per_copy"])
     assert difference == pytest.approx(cmu["mean"] - longest["mean"])
     # Copy i of both policies sees the same random streams: the scores are strongly correlated, so the paired
     # interval is tighter than either score's and about half that of two independent evaluations.

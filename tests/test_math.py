@@ -10,10 +10,11 @@ import torch
 import torch.nn as nn
 
 import ppo_continuous
-from ppo_continuous import (TrainError, check_env, compute_gae, differential_returns, explained_variance,
-                            gaussian_entropy, gaussian_log_prob, learning_rate_factor, make_training_envs,
-                            make_vector_env, mean_confidence_interval, normalize_observation, numpy_mlp,
-                            policy_loss, resolved_args, update_rho, value_loss)
+from ppo_continuous import (TrainError, compute_gae, differential_returns, explained_variance, gaussian_entropy,
+                            gaussian_log_prob, learning_rate_factor, make_training_envs, policy_loss, resolved_args,
+                            update_rho, value_loss)
+from ppo_support import (check_env, make_vector_env, mean_confidence_interval, normalize_observation, numpy_mlp,
+                         numpy_policy)
 import tests.envs  # noqa: F401  (registers the test envs)
 from tests.conftest import fast_args
 
@@ -182,7 +183,7 @@ def test_observation_normalisation_matches_gymnasium_wrapper():
 
 
 def test_numpy_policy_matches_get_action_and_value():
-    from ppo_continuous import Agent, numpy_policy
+    from ppo_continuous import Agent
     torch.manual_seed(0)
     agent = Agent(5, 3, (16, 8))
     with torch.no_grad():

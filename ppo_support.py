@@ -1,0 +1,533 @@
+"""What `ppo_continuous.py` hands off, so that file reads as PPO and its training loop.
+
+Nothing here needs reading to follow the algorithm: making and checking environments, the agent's forward pass
+in numpy (the CPU fast path of rollouts and evaluation), the evaluation protocol that scores every candidate,
+checkpoint files, the run folder and its loggers, the terminal and the process state a run borrows, grouped
+`--help`, and the compiled update (`--compile`). It knows no PPO: the agent is read through its attributes and
+the loss is passed in. Copy it, with `checkpoint_saver.py`, beside `ppo_continuous.py`.
+"""
+
+import ast
+import contextlib
+import dataclasses
+import inspect
+import json
+import math
+import os
+import pickle
+import random
+import signal
+import sys
+import threading
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Annotated
+
+import gymnasium as gym
+import numpy as np
+import scipy.stats
+import torch
+import torch.nn as nn
+import tyro
+from gymnasium.vector import AutoresetMode
+from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeRemainingColumn
+from threadpoolctl import threadpool_limits
+from torch.optim.adam import adam as functional_adam
+from torch.utils.tensorboard import SummaryWriter
+
+from checkpoint_saver import CheckpointSaver, RegistryError
+
+
+class TrainError(Exception):
+    """Bad options or input files: the command line prints the message as one line and exits with status 2."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Environments
+# ---------------------------------------------------------------------------------------------------------------
+
+def check_env(env_id, env_kwargs):
+    """Make one env and take one step, so a bad id, bad kwargs or an env failing at its first step is one line.
+
+    Returns what the trainer needs to know of it: observation size, action space, the env's own time limit,
+    whether it declares itself continuing, and whether it has a native vector implementation.
+    """
+    try:
+        env = gym.make(env_id, **env_kwargs)
+    except gym.error.Error as error:
+        raise TrainError(f"cannot make env '{env_id}': {error}") from None
+    except ModuleNotFoundError as error:
+        raise TrainError(f"cannot make env '{env_id}': {error} (the part before ':' must be an importable "
+                         f"module)") from None
+    except (TypeError, ValueError) as error:
+        raise TrainError(f"cannot make env '{env_id}' with --env-kwargs {json.dumps(env_kwargs)}: {error}") from None
+    if not isinstance(env.action_space, gym.spaces.Box):
+        raise TrainError(f"env '{env_id}' has action space {env.action_space}: only continuous (Box) action "
+                         f"spaces are supported")
+    if not isinstance(env.observation_space, gym.spaces.Box) or len(env.observation_space.shape) != 1:
+        raise TrainError(f"env '{env_id}' has observation space {env.observation_space}: only flat Box "
+                         f"observations are supported")
+    try:
+        env.reset(seed=0)
+        env.step(env.action_space.sample())
+    except Exception as error:
+        raise TrainError(f"env '{env_id}' with --env-kwargs {json.dumps(env_kwargs)} fails at its first step "
+                         f"({type(error).__name__}: {error})") from None
+    finally:
+        env.close()
+    return {"obs_size": env.observation_space.shape[0], "action_space": env.action_space,
+            "time_limit": env.spec.max_episode_steps, "continuing": bool(env.metadata.get("continuing", False)),
+            "native_vector": env.spec.vector_entry_point is not None}
+
+
+def make_vector_env(env_id, env_kwargs, num_envs, max_episode_steps, native_vector, async_envs=False):
+    """`num_envs` copies with SAME_STEP autoreset (so `final_obs` is the true final observation): the env's own
+    vector implementation when it has one (all copies in one call), else one env per copy."""
+    if native_vector and not async_envs:
+        envs = gym.make_vec(env_id, num_envs, "vector_entry_point", max_episode_steps=max_episode_steps,
+                            **env_kwargs)
+    else:
+        envs = gym.make_vec(env_id, num_envs, "async" if async_envs else "sync", max_episode_steps=max_episode_steps,
+                            vector_kwargs={"autoreset_mode": AutoresetMode.SAME_STEP}, **env_kwargs)
+    if envs.metadata.get("autoreset_mode") != AutoresetMode.SAME_STEP:
+        envs.close()
+        raise TrainError(f"env '{env_id}' does not autoreset in SAME_STEP mode (gymnasium {gym.__version__}): "
+                         f"the truncation bootstrap needs it; use gymnasium 1.1 or later")
+    return envs
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The agent in numpy: the same weights and math, without a torch call per step
+# ---------------------------------------------------------------------------------------------------------------
+
+LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
+
+
+def numpy_mlp(net):
+    """`net` (an `mlp`) as a numpy function of a batch, sharing its weights (views, no copy).
+
+    On a CPU a numpy forward of a small MLP costs a fraction of a torch call, which otherwise costs more than the
+    env step itself. Float rounding differs from torch's in the last bits (README, Speed).
+    """
+    modules = list(net)
+    expected = [nn.Linear, nn.Tanh] * (len(modules) // 2) + [nn.Linear]
+    if [type(module) for module in modules] != expected:
+        raise TypeError(f"numpy_mlp mirrors Linear/Tanh MLPs only, got {[type(m).__name__ for m in modules]}: "
+                        f"update it together with `mlp` (ppo_continuous.py)")
+    layers = [(layer.weight.detach().cpu().numpy().T, layer.bias.detach().cpu().numpy()) for layer in modules[::2]]
+
+    def forward(x):
+        for weight, bias in layers[:-1]:
+            x = np.tanh(x @ weight + bias)
+        weight, bias = layers[-1]
+        return x @ weight + bias
+
+    return forward
+
+
+def numpy_policy(agent):
+    """The agent as `(obs, noise) -> (action, log_prob, value)` in numpy, for the per-step rollout: the same
+    weights and math as `get_action_and_value`, with the Gaussian noise given."""
+    actor, critic = numpy_mlp(agent.actor_mean), numpy_mlp(agent.critic)
+    log_std = agent.actor_logstd.detach().cpu().numpy()
+
+    def act(obs, noise):
+        action = actor(obs) + np.exp(log_std) * noise
+        log_prob = (-0.5 * noise ** 2 - log_std - LOG_SQRT_2PI).sum(-1)  # = gaussian_log_prob(action, ...)
+        return action, log_prob, critic(obs)[:, 0]
+
+    return act
+
+
+def deterministic_numpy_policy(agent, obs_stats, clip_obs):
+    """Raw observations -> `get_deterministic_action`, with frozen normalisation statistics (None: no
+    normalisation): the policy that evaluation scores, as numpy."""
+    actor, env_action = numpy_mlp(agent.actor_mean), env_action_map(agent)
+    mean, var = (None, None) if obs_stats is None else (np.array(obs_stats[0]), np.array(obs_stats[1]))
+
+    def act(raw_obs):
+        obs = np.asarray(raw_obs, dtype=np.float32)
+        if mean is not None:
+            obs = normalize_observation(obs, mean, var, clip_obs)
+        return env_action(actor(obs))
+
+    return act
+
+
+def env_action_map(agent):
+    """The agent's raw (Gaussian) action -> the env's action: clipped into the bounds, or squashed with tanh.
+
+    PPO keeps the raw sample and its Gaussian log-probability: the map is fixed, so the probability ratio is the
+    same before and after it. Squashing keeps every sample distinct where clipping makes all samples beyond a
+    bound equal, which stops exploration and starves the gradient once a mean leaves the bounds.
+    """
+    low, high = agent.action_low.cpu().numpy(), agent.action_high.cpu().numpy()
+    if agent.squash_actions:
+        return lambda action: low + (high - low) * (np.tanh(action) + 1) / 2
+    return lambda action: np.clip(action, low, high)
+
+
+
+def normalize_observation(obs, mean, var, clip):
+    """What every observation goes through before the networks see it (gymnasium's formula)."""
+    return np.clip((obs - mean) / np.sqrt(var + 1e-8), -clip, clip).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The evaluation protocol
+# ---------------------------------------------------------------------------------------------------------------
+
+CONTINUING_EVAL_DEFAULTS = {"episodes": 128, "horizon": 20_000, "warmup": 2_500}
+EPISODIC_EVAL_EPISODES = 10
+
+
+def evaluation_protocol(args, env_info):
+    """How every candidate of this problem instance is scored: the same for all runs, whatever their training
+    options (`--reset-steps`, `--num-envs`), so scores are comparable and the registry can rank them."""
+    continuing = env_info["continuing"] if args.eval_continuing is None else args.eval_continuing
+    if continuing:
+        defaults = CONTINUING_EVAL_DEFAULTS
+    else:
+        if args.eval_warmup:
+            raise TrainError("--eval-warmup applies to continuing tasks only: add --eval-continuing to score "
+                             "this env as one")
+        defaults = {"episodes": EPISODIC_EVAL_EPISODES, "horizon": env_info["time_limit"], "warmup": 0}
+    protocol = {"kind": "continuing" if continuing else "episodic",
+                "episodes": args.eval_episodes or defaults["episodes"],
+                "horizon": args.eval_horizon or defaults["horizon"],
+                "warmup": defaults["warmup"] if args.eval_warmup is None else args.eval_warmup,
+                "seed": args.eval_seed}
+    if protocol["horizon"] is None:
+        raise TrainError(f"env '{args.env_id}' has no time limit, so evaluation episodes would never end: "
+                         f"give --eval-horizon")
+    if protocol["episodes"] < 2:
+        raise TrainError(f"--eval-episodes must be at least 2 for a confidence interval, got {protocol['episodes']}")
+    return protocol
+
+
+def evaluate(policy, env_id, env_kwargs, protocol, native_vector):
+    """Score a deterministic policy (raw observations -> actions) under `protocol`, in raw reward units.
+
+    Copy i of `episodes` copies starts from seed `seed + i` (the same streams for every candidate: common random
+    numbers), runs `warmup` steps that are discarded, then is scored over at most `horizon` steps: its LTA
+    return is its reward per scored step, until its episode ends (episodic) or over the whole horizon
+    (continuing). The copies are independent, so the t-interval across them is the 95% confidence interval.
+    """
+    copies, warmup, length = protocol["episodes"], protocol["warmup"], protocol["warmup"] + protocol["horizon"]
+    envs = make_vector_env(env_id, env_kwargs, copies, length, native_vector)
+    try:
+        obs, _ = envs.reset(seed=protocol["seed"])
+        returns, lengths, ended = np.zeros(copies), np.zeros(copies), np.zeros(copies, dtype=bool)
+        for step in range(length):
+            obs, reward, terminated, truncated, _ = envs.step(policy(obs))
+            if protocol["kind"] == "continuing" and terminated.any():
+                raise TrainError(f"env '{env_id}' terminated an episode, so it is not a continuing task: "
+                                 f"evaluate it with --no-eval-continuing")
+            if step >= warmup:
+                returns += np.where(ended, 0.0, reward)
+                lengths += ~ended
+            ended |= terminated | truncated
+            if ended.all():
+                break
+    finally:
+        envs.close()
+    mean, half_width = mean_confidence_interval(returns / lengths)
+    return {"mean": mean, "half_width": half_width, "episodes": copies, "protocol": protocol}
+
+
+def format_score(evaluation):
+    return f"{evaluation['mean']:.6g} +- {evaluation['half_width']:.3g}"
+
+
+def mean_confidence_interval(values, confidence=0.95):
+    """The mean of independent measurements and the half-width of its Student-t confidence interval."""
+    values = np.asarray(values, dtype=np.float64)
+    sem = values.std(ddof=1) / math.sqrt(len(values))
+    return float(values.mean()), float(scipy.stats.t.ppf(0.5 + confidence / 2, len(values) - 1) * sem)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoint files
+# ---------------------------------------------------------------------------------------------------------------
+
+CHECKPOINT_KEYS = ("agent", "obs_size", "action_size", "obs_rms", "reward_rms", "optimizers", "args", "counters")
+
+
+def read_checkpoint(path):
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as error:
+        raise TrainError(f"cannot read checkpoint '{path}': {str(error).splitlines()[0]}") from None
+    if not isinstance(checkpoint, dict) or not all(key in checkpoint for key in CHECKPOINT_KEYS):
+        raise TrainError(f"'{path}' is not a checkpoint of ppo_continuous.py (it lacks the keys "
+                         f"{', '.join(CHECKPOINT_KEYS)})")
+    return checkpoint
+
+
+def observation_stats(checkpoint):
+    """The frozen (mean, var) of the checkpoint's observation normalisation, or None without it."""
+    stats = checkpoint["obs_rms"]
+    return None if stats is None else (stats["mean"].numpy(), stats["var"].numpy())
+
+
+def rms_state(rms):
+    return None if rms is None else {"mean": torch.as_tensor(rms.mean), "var": torch.as_tensor(rms.var),
+                                     "count": float(rms.count)}
+
+
+def load_rms_state(rms, state):
+    rms.mean, rms.var, rms.count = state["mean"].numpy().copy(), state["var"].numpy().copy(), state["count"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The run folder, its loggers, the terminal, and the process state a run borrows
+# ---------------------------------------------------------------------------------------------------------------
+
+def open_registry(args, instance, protocol):
+    """The instance's registry, checked up front: a registry ranked by another protocol or the other way round
+    is refused before anything is trained."""
+    try:
+        saver = CheckpointSaver(args.checkpoint_dir, instance, top_k=args.top_k, lower_is_better=args.lower_is_better,
+                                protocol=protocol)
+        saver.check()
+        probe = saver.folder / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except RegistryError as error:
+        raise TrainError(str(error)) from None
+    except OSError as error:
+        raise TrainError(f"cannot write checkpoints under --checkpoint-dir '{args.checkpoint_dir}' "
+                         f"({error.strerror or error}): give a writable folder") from None
+    return saver
+
+
+def unique_run_dir(instance, args):
+    name = f"{instance}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir, suffix = Path("runs") / name, 1
+    while run_dir.exists():
+        run_dir, suffix = Path("runs") / f"{name}-{suffix}", suffix + 1
+    try:
+        run_dir.mkdir(parents=True)
+    except OSError as error:
+        raise TrainError(f"cannot create the run folder '{run_dir}' ({error.strerror or error}): run from a "
+                         f"writable directory") from None
+    return run_dir
+
+
+def open_writer(run_dir, given, args):
+    """TensorBoard, and with --track Weights & Biases mirroring it (as CleanRL does)."""
+    if args.track:
+        import wandb
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                   config=asdict(args), name=run_dir.name, save_code=True)
+    writer = SummaryWriter(str(run_dir))
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(
+        f"|{key}|{value}|" for key, value in asdict(given).items()))
+    return writer
+
+
+class Progress:
+    """A live progress bar on a terminal; plain lines every ~5% of the run otherwise (logs, CI)."""
+
+    def __init__(self, total, start):
+        self.total, self.is_terminal, self.last_line, self.bar = total, sys.stdout.isatty(), -1, None
+        if self.is_terminal:
+            self.bar = RichProgress(TextColumn("steps"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                                    TextColumn("{task.fields[stats]}"))
+            self.task = self.bar.add_task("train", total=total, completed=start, stats="")
+            self.bar.start()
+
+    def update(self, step, sps, lta, best):
+        stats = f"SPS {sps:.0f}  LTA {lta:.4g}  best eval {best:.4g}"
+        if self.bar is not None:
+            self.bar.update(self.task, completed=step, stats=stats)
+        elif step * 20 // max(self.total, 1) > self.last_line:
+            self.last_line = step * 20 // max(self.total, 1)
+            say(f"step {step}/{self.total}  {stats}")
+
+    def close(self):
+        """Stop the live bar, which also shows the terminal's cursor again (safe to call twice)."""
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
+
+
+def say(message):
+    """Print a line; if the reader has gone (`| head`), keep training quietly instead of failing."""
+    try:
+        print(message, flush=True)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+def warn(message):
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def global_state(args):
+    """Seed the global random generators and set torch's and numpy's threads for the run; restore it all afterwards."""
+    saved = (random.getstate(), np.random.get_state(), torch.get_rng_state(), torch.get_num_threads(),
+             torch.backends.cudnn.deterministic)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    torch.set_num_threads(args.num_threads)
+    try:
+        with threadpool_limits(args.num_threads):  # numpy's BLAS too: its threads thrash on small matrices
+            yield
+    finally:
+        random.setstate(saved[0])
+        np.random.set_state(saved[1])
+        torch.set_rng_state(saved[2])
+        torch.set_num_threads(saved[3])
+        torch.backends.cudnn.deterministic = saved[4]
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def signal_handlers(handler):
+    """`handler` for Ctrl-C and SIGTERM while the block runs, the previous handlers afterwards. Signals reach the
+    main thread only, so elsewhere (a thread of the caller's) nothing is changed."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signum: signal.signal(signum, handler) for signum in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, old_handler in previous.items():
+            signal.signal(signum, old_handler)
+
+
+@contextlib.contextmanager
+def stop_signals():
+    """Ctrl-C or SIGTERM asks the loop to stop at the end of the current step or minibatch; a second one
+    interrupts at once."""
+    stop = {"requested": False}
+
+    def handler(signum, frame):
+        if stop["requested"]:
+            raise KeyboardInterrupt
+        stop["requested"] = True
+        warn("stopping at the end of this step (press Ctrl-C again to interrupt)")
+
+    with signal_handlers(handler):
+        yield stop
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The command line: --help in groups
+# ---------------------------------------------------------------------------------------------------------------
+
+def field_docs(cls):
+    """The docstring under each field of a dataclass, read from its source (what tyro shows as help)."""
+    body = ast.parse(inspect.getsource(cls)).body[0].body
+    return {node.target.id: after.value.value for node, after in zip(body, body[1:])
+            if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)}
+
+
+def grouped_cli(cls, defaults, groups, argv, description):
+    """A `cls` dataclass from the command line, with `--help` in sections (the flags stay flat).
+
+    `groups` maps the first field of each section to its name; `defaults` is a `cls` whose values are the
+    defaults. A default written in a field's help text replaces tyro's "(default: None)": one default per option.
+    """
+    docs, fields, group = field_docs(cls), {}, None
+    for field in dataclasses.fields(cls):
+        group = groups.get(field.name, group)
+        hint = {"help_behavior_hint": ""} if "(default:" in docs[field.name] else {}
+        fields.setdefault(group, []).append((field.name, Annotated[field.type, tyro.conf.arg(help=docs[field.name],
+                                             **hint)], dataclasses.field(default=getattr(defaults, field.name))))
+    sections = {name: dataclasses.make_dataclass(name, section) for name, section in fields.items()}
+    view = dataclasses.make_dataclass("Options", [(name, section, dataclasses.field(default_factory=section))
+                                                  for name, section in sections.items()])
+    options = tyro.cli(view, args=argv, description=description, config=(tyro.conf.OmitArgPrefixes,))
+    return cls(**{name: value for section in sections for name, value in vars(getattr(options, section)).items()})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The compiled update (--compile)
+# ---------------------------------------------------------------------------------------------------------------
+
+def compiled_minibatch_update(agent, optimizers, clip_groups, loss_fn, max_grad_norm, minibatch_size):
+    """`minibatch_update` as one graph compiled by torch.compile (--compile); returns `update(minibatch) -> parts`.
+
+    `loss_fn(agent(obs, actions), minibatch) -> (loss, parts)` is the loss, minimised by the optimizers' Adam with
+    each of `clip_groups` clipped to global norm `max_grad_norm` (None: no clipping).
+
+    On a CPU each of the ~100 small ops of an eager update costs more in overhead than in arithmetic. Written as a
+    pure function (torch.func.grad for the gradients, torch's functional Adam on the optimizers' own state), the
+    whole update becomes one graph that inductor compiles into a few C++ kernels. Same math as `minibatch_update`;
+    fused kernels round differently in the last bits. Compiles now, on copies, so a failure stops the run up front.
+    """
+    for optimizer in optimizers:
+        if type(optimizer) is not torch.optim.Adam or any(group["amsgrad"] for group in optimizer.param_groups):
+            raise TypeError("compiled_minibatch_update mirrors torch.optim.Adam without amsgrad: update it together "
+                            "with make_optimizers (ppo_continuous.py)")
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                if not optimizer.state[param]:  # Adam creates its state on its first step: the same state, now
+                    optimizer.state[param] = {"step": torch.zeros((), device=param.device), "exp_avg":
+                                              torch.zeros_like(param), "exp_avg_sq": torch.zeros_like(param)}
+    names = [name for name, _ in agent.named_parameters()]
+    position = {param: i for i, param in enumerate(agent.parameters())}
+    groups = [group for optimizer in optimizers for group in optimizer.param_groups]
+    group_positions = [[position[param] for param in group["params"]] for group in groups]
+    clip_positions = [[position[param] for param in params] for params in clip_groups]
+
+    def pick(tensors, positions):
+        return [tensors[i] for i in positions]
+
+    def loss(params, minibatch):
+        outputs = torch.func.functional_call(agent, dict(zip(names, params)), minibatch[:2])
+        return loss_fn(outputs, minibatch)
+
+    def update(params, exp_avgs, exp_avg_sqs, steps, lrs, minibatch):
+        grads, parts = torch.func.grad(loss, has_aux=True)(params, minibatch)
+        if max_grad_norm is not None:
+            for positions in clip_positions:  # clip_grad_norm_, on gradients that are not in `.grad`
+                total_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(grads[i])
+                                                                   for i in positions]))
+                scale = torch.clamp(max_grad_norm / (total_norm + 1e-6), max=1.0)
+                for i in positions:
+                    grads[i] = grads[i] * scale
+        for group, positions, lr in zip(groups, group_positions, lrs):
+            functional_adam(*(pick(tensors, positions) for tensors in (params, grads, exp_avgs, exp_avg_sqs)), [],
+                            pick(steps, positions), foreach=False, amsgrad=False, lr=lr, beta1=group["betas"][0],
+                            beta2=group["betas"][1], weight_decay=group["weight_decay"], eps=group["eps"],
+                            maximize=group["maximize"], decoupled_weight_decay=group["decoupled_weight_decay"])
+        return parts
+
+    # Detached views: the update writes the agent's weights and the optimizers' state in place, outside autograd.
+    state = {param: s for optimizer in optimizers for param, s in optimizer.state.items()}
+    params = [param.detach() for param in agent.parameters()]
+    exp_avgs, exp_avg_sqs, steps = ([state[param][key] for param in agent.parameters()]
+                                    for key in ("exp_avg", "exp_avg_sq", "step"))
+    lrs = [torch.tensor(group["lr"], device=params[0].device) for group in groups]
+    # Dynamo keeps at most 8 graphs per function, and the options are constants of the graph: without a reset,
+    # the 9th configuration trained in one process (a sweep calling train()) would fail to compile.
+    torch.compiler.reset()
+    compiled = torch.compile(update, fullgraph=True, dynamic=False)
+    copies = [[tensor.clone() for tensor in tensors] for tensors in (params, exp_avgs, exp_avg_sqs, steps, lrs)]
+    obs_size, action_size = agent.critic[0].in_features, agent.actor_logstd.shape[1]
+    example = [torch.zeros(minibatch_size, *shape, device=params[0].device)
+               for shape in ((obs_size,), (action_size,), (), (), (), ())]
+    start = time.perf_counter()
+    try:
+        compiled(*copies, tuple(example))
+    except Exception as error:
+        first_line = next(iter(str(error).strip().splitlines()), "")
+        raise TrainError(f"--compile failed ({type(error).__name__}: {first_line}): train without --compile") from None
+    say(f"compiled the minibatch update in {time.perf_counter() - start:.1f} s")
+
+    def compiled_update(minibatch):
+        for lr, group in zip(lrs, groups):
+            lr.fill_(group["lr"])
+        return compiled(params, exp_avgs, exp_avg_sqs, steps, lrs, minibatch)
+
+    return compiled_update
