@@ -4,8 +4,9 @@ The story, top to bottom: `Args` (every option, with its help text), the agent, 
 functions (Gaussian log-probability, GAE with bootstrapping on truncation, the PPO losses), the training envs,
 checkpoints, then `train`: collect a rollout, compute advantages, learn, log. After `train` come the parts a
 reader may skip: what happens when episodes end or a candidate is evaluated, setting up and restoring a run, and
-the options. What is not PPO (env checks, the evaluation protocol, the numpy forward pass, checkpoint files, the
-terminal, the compiled update of `--compile`) lives in `ppo_support.py`, the registry in `checkpoint_saver.py`.
+the options. The rest lives in `ppo_support.py`: env checks, the evaluation protocol, checkpoint files, the run
+folder, the terminal, and two faster mirrors of this file's math (the agent's forward pass in numpy, the update
+compiled by `--compile`); the registry lives in `checkpoint_saver.py`.
 Run `python ppo_continuous.py --help` for the options; README.md explains the terms.
 """
 
@@ -14,7 +15,6 @@ import functools
 import importlib.util
 import json
 import math
-import os
 import shutil
 import signal
 import sys
@@ -30,11 +30,11 @@ import torch.nn as nn
 from gymnasium.wrappers.utils import RunningMeanStd
 
 from checkpoint_saver import RegistryError, instance_key, save_atomic
-from ppo_support import (LOG_SQRT_2PI, Progress, TrainError, check_env, compiled_minibatch_update,
+from ppo_support import (LOG_SQRT_2PI, Progress, TrainError, check_env, check_numpy_mirrors, compiled_minibatch_update,
                          deterministic_numpy_policy, env_action_map, evaluate, evaluation_protocol, format_score,
                          global_state, grouped_cli, load_rms_state, make_vector_env, normalize_observation,
-                         numpy_policy, observation_stats, open_registry, open_writer, read_checkpoint, rms_state, say,
-                         signal_handlers, stop_signals, unique_run_dir, warn)
+                         numpy_policy, observation_stats, open_registry, open_writer, read_checkpoint,
+                         require_cpp_compiler, rms_state, say, signal_handlers, stop_signals, unique_run_dir, warn)
 
 
 @dataclass
@@ -318,7 +318,8 @@ def make_optimizers(agent, args):
 
 
 def minibatch_update(agent, optimizers, clip_groups, args, minibatch):
-    """One gradient step on a minibatch; returns the parts of its loss (see `ppo_loss`)."""
+    """One gradient step on a minibatch; returns the parts of its loss (see `ppo_loss`). With --compile,
+    `compiled_minibatch_update` (ppo_support.py) takes the same step on `ppo_loss`: change the two together."""
     loss, parts = ppo_loss(agent(minibatch[0], minibatch[1]), minibatch, args)
     for optimizer in optimizers:
         optimizer.zero_grad()
@@ -355,7 +356,7 @@ def average_lta_return(episode_returns, episode_lengths):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The training environments (env checks and the evaluation protocol: ppo_support.py)
+# The training environments
 # ---------------------------------------------------------------------------------------------------------------
 
 class TimeScaledReward(gym.vector.VectorWrapper):
@@ -447,26 +448,6 @@ def load_checkpoint(path):
     return agent_from_checkpoint(checkpoint, path).eval(), normalize_obs
 
 
-def evaluate_checkpoint(args):
-    """`--eval-only`: score a checkpoint under the evaluation protocol of its problem instance (its options are
-    the defaults, see `cli_args`), print it and optionally write it as JSON."""
-    args, env_kwargs = resolved_args(args)
-    with global_state(args):
-        checkpoint = read_checkpoint(args.eval_only)
-        env_info = check_env(args.env_id, env_kwargs)
-        protocol = evaluation_protocol(args, env_info)
-        agent = agent_from_checkpoint(checkpoint, args.eval_only)
-        policy = deterministic_numpy_policy(agent, observation_stats(checkpoint), checkpoint["args"]["clip_obs"])
-        start = time.perf_counter()
-        evaluation = evaluate(policy, args.env_id, env_kwargs, protocol, env_info["native_vector"])
-    say(f"{args.eval_only} (instance {checkpoint.get('instance')}, step {checkpoint['global_step']}): LTA return "
-        f"{format_score(evaluation)} (95% CI over {evaluation['episodes']} episodes; protocol {json.dumps(protocol)}; "
-        f"{time.perf_counter() - start:.1f} s)")
-    if args.eval_json:
-        Path(args.eval_json).write_text(json.dumps({"checkpoint": str(args.eval_only), **evaluation}, indent=2))
-    return evaluation
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # The training loop
 # ---------------------------------------------------------------------------------------------------------------
@@ -492,7 +473,7 @@ def train(args, on_evaluation=None):
                 run.begin_rollout()
 
                 # COLLECT ROLLOUT
-                policy = numpy_policy(agent)
+                policy = numpy_policy(agent)  # `get_action_and_value` in numpy, with the noise given (ppo_support.py)
                 for step in range(args.num_steps):
                     counters["global_step"] += args.num_envs
                     buffers["obs"][step] = next_obs
@@ -536,18 +517,19 @@ def train(args, on_evaluation=None):
                     permutation = torch.randperm(batch_size, device=run.device)
                     shuffled = [tensor[permutation] for tensor in batch]
                     for start in range(0, batch_size, run.minibatch_size):
-                        losses = run.update(tuple(tensor[start:start + run.minibatch_size] for tensor in shuffled))
+                        minibatch = tuple(tensor[start:start + run.minibatch_size] for tensor in shuffled)
+                        pg_loss, v_loss, entropy_loss, ratio = run.update(minibatch)
                         counters["minibatch_updates"] += 1
-                        ratios.append(losses[-1])
+                        ratios.append(ratio)
                         if stop["requested"]:  # a long learning phase still stops within a minibatch
                             break
                     counters["updates"] += 1
-                    approx_kl = ((losses[-1] - 1) - losses[-1].log()).mean()  # the epoch's last minibatch, as CleanRL
+                    approx_kl = ((ratio - 1) - ratio.log()).mean()  # the epoch's last minibatch, as CleanRL
                     if stop["requested"] or (args.target_kl is not None and approx_kl > args.target_kl):
                         break
 
                 # LOG
-                run.log_update(losses, ratios, buffers["values"], returns)
+                run.log_update((pg_loss, v_loss, entropy_loss), ratios, buffers["values"], returns)
                 run.save_latest()
             return run.finish(on_evaluation, interrupted=stop["requested"])
         finally:
@@ -577,6 +559,7 @@ class Run:
             raise TrainError(f"--squash-actions needs finite action bounds, and env '{args.env_id}' has {space}")
         self.agent = Agent(self.obs_size, self.action_size, args.hidden_sizes, space.low, space.high,
                            args.squash_actions).to(self.device)
+        check_numpy_mirrors(self.agent)
         self.env_action = env_action_map(self.agent)
         self.optimizers, self.clip_groups = make_optimizers(self.agent, args)
         self.base_lrs = [[group["lr"] for group in optimizer.param_groups] for optimizer in self.optimizers]
@@ -748,7 +731,7 @@ class Run:
     def log_update(self, losses, ratios, values, returns):
         """TensorBoard scalars of this rollout's learning phase, and the progress bar."""
         self.timing["update_seconds"] += time.perf_counter() - self.phase_start
-        pg_loss, v_loss, entropy_loss, ratio = losses
+        (pg_loss, v_loss, entropy_loss), ratio = losses, ratios[-1]
         step, logratio = self.counters["global_step"], ratio.log()
         values, returns = values.reshape(-1), returns.reshape(-1)
         sps = (step - self.start_step) / max(time.time() - self.start_time, 1e-9)
@@ -815,7 +798,7 @@ class Run:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Options: defaults that depend on other options, checks, and the command line
+# Options: defaults that depend on other options, checks, the command line, and --eval-only
 # ---------------------------------------------------------------------------------------------------------------
 
 def resolved_args(args):
@@ -852,11 +835,8 @@ def resolved_args(args):
         raise TrainError("--track needs the wandb package: pip install -r requirements.txt")
     if resolved.eval_only and resolved.resume:
         raise TrainError("--eval-only and --resume exclude each other: give one")
-    compiler = os.environ.get("CXX", {"darwin": "clang++", "win32": "cl"}.get(sys.platform, "g++"))  # inductor's
-    on_cpu = not (resolved.cuda and torch.cuda.is_available())
-    if resolved.compile and on_cpu and not resolved.eval_only and shutil.which(compiler) is None:
-        raise TrainError(f"--compile needs a C++ compiler and '{compiler}' was not found: install one (or set CXX), "
-                         f"or train without --compile")
+    if resolved.compile and not resolved.eval_only and not (resolved.cuda and torch.cuda.is_available()):
+        require_cpp_compiler()
     try:
         env_kwargs = json.loads(resolved.env_kwargs)
     except json.JSONDecodeError as error:
@@ -892,6 +872,26 @@ def cli_args(argv=None):
             if path:
                 defaults = args_from_checkpoint(path)
     return grouped_cli(Args, defaults, HELP_GROUPS, argv, __doc__.split("\n\n")[0])
+
+
+def evaluate_checkpoint(args):
+    """`--eval-only`: score a checkpoint under the evaluation protocol of its problem instance (its options are
+    the defaults, see `cli_args`), print it and optionally write it as JSON."""
+    args, env_kwargs = resolved_args(args)
+    with global_state(args):
+        checkpoint = read_checkpoint(args.eval_only)
+        env_info = check_env(args.env_id, env_kwargs)
+        protocol = evaluation_protocol(args, env_info)
+        agent = agent_from_checkpoint(checkpoint, args.eval_only)
+        policy = deterministic_numpy_policy(agent, observation_stats(checkpoint), checkpoint["args"]["clip_obs"])
+        start = time.perf_counter()
+        evaluation = evaluate(policy, args.env_id, env_kwargs, protocol, env_info["native_vector"])
+    say(f"{args.eval_only} (instance {checkpoint.get('instance')}, step {checkpoint['global_step']}): LTA return "
+        f"{format_score(evaluation)} (95% CI over {evaluation['episodes']} episodes; protocol {json.dumps(protocol)}; "
+        f"{time.perf_counter() - start:.1f} s)")
+    if args.eval_json:
+        Path(args.eval_json).write_text(json.dumps({"checkpoint": str(args.eval_only), **evaluation}, indent=2))
+    return evaluation
 
 
 def main(argv=None):

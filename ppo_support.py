@@ -3,8 +3,10 @@
 Nothing here needs reading to follow the algorithm: making and checking environments, the agent's forward pass
 in numpy (the CPU fast path of rollouts and evaluation), the evaluation protocol that scores every candidate,
 checkpoint files, the run folder and its loggers, the terminal and the process state a run borrows, grouped
-`--help`, and the compiled update (`--compile`). It knows no PPO: the agent is read through its attributes and
-the loss is passed in. Copy it, with `checkpoint_saver.py`, beside `ppo_continuous.py`.
+`--help`, and the compiled update (`--compile`). Two parts mirror the agent and its update, and must change
+with them: the numpy forward pass (checked against the agent at the start of every run, `check_numpy_mirrors`)
+and the compiled update (given `ppo_loss`; it mirrors the rest of `minibatch_update`). Copy this file, with
+`checkpoint_saver.py`, beside `ppo_continuous.py`.
 """
 
 import ast
@@ -16,6 +18,7 @@ import math
 import os
 import pickle
 import random
+import shutil
 import signal
 import sys
 import threading
@@ -158,15 +161,33 @@ def deterministic_numpy_policy(agent, obs_stats, clip_obs):
 def env_action_map(agent):
     """The agent's raw (Gaussian) action -> the env's action: clipped into the bounds, or squashed with tanh.
 
-    PPO keeps the raw sample and its Gaussian log-probability: the map is fixed, so the probability ratio is the
-    same before and after it. Squashing keeps every sample distinct where clipping makes all samples beyond a
-    bound equal, which stops exploration and starves the gradient once a mean leaves the bounds.
+    PPO (ppo_continuous.py) keeps the raw sample and its Gaussian log-probability: the map is fixed, so the
+    probability ratio is the same before and after it. Squashing keeps every sample distinct where clipping makes
+    all samples beyond a bound equal, which stops exploration and starves the gradient once a mean leaves the bounds.
     """
     low, high = agent.action_low.cpu().numpy(), agent.action_high.cpu().numpy()
     if agent.squash_actions:
         return lambda action: low + (high - low) * (np.tanh(action) + 1) / 2
     return lambda action: np.clip(action, low, high)
 
+
+def check_numpy_mirrors(agent):
+    """Raise if the numpy policies no longer compute what the agent computes (after an edit of `Agent`, say):
+    the rollout's log-probabilities and values, and the deterministic actions that evaluation scores."""
+    generator, device = torch.Generator().manual_seed(0), agent.action_low.device
+    obs = torch.randn(8, agent.actor_mean[0].in_features, generator=generator)
+    noise = torch.randn(8, agent.actor_logstd.shape[1], generator=generator)
+    action, log_prob, value = numpy_policy(agent)(obs.numpy(), noise.numpy())
+    with torch.no_grad():
+        _, torch_log_prob, _, torch_value = agent.get_action_and_value(obs.to(device),
+                                                                       torch.from_numpy(action).to(device))
+        torch_action = agent.get_deterministic_action(obs.to(device))
+    for name, mirror, reference in [("log-probabilities", log_prob, torch_log_prob), ("values", value, torch_value),
+                                    ("deterministic actions", deterministic_numpy_policy(agent, None, math.inf)(
+                                        obs.numpy()), torch_action)]:
+        if not np.allclose(mirror, reference.cpu().numpy(), rtol=1e-4, atol=1e-4):
+            raise RuntimeError(f"the numpy policy's {name} differ from the agent's: update the numpy mirrors "
+                               f"(ppo_support.py) together with `Agent`")
 
 
 def normalize_observation(obs, mean, var, clip):
@@ -454,11 +475,21 @@ def grouped_cli(cls, defaults, groups, argv, description):
 # The compiled update (--compile)
 # ---------------------------------------------------------------------------------------------------------------
 
+def require_cpp_compiler():
+    """--compile on a CPU needs the C++ compiler inductor calls: one line if it is missing, before any training."""
+    compiler = os.environ.get("CXX", {"darwin": "clang++", "win32": "cl"}.get(sys.platform, "g++"))  # inductor's
+    if shutil.which(compiler) is None:
+        raise TrainError(f"--compile needs a C++ compiler and '{compiler}' was not found: install one (or set CXX), "
+                         f"or train without --compile")
+
+
 def compiled_minibatch_update(agent, optimizers, clip_groups, loss_fn, max_grad_norm, minibatch_size):
-    """`minibatch_update` as one graph compiled by torch.compile (--compile); returns `update(minibatch) -> parts`.
+    """`minibatch_update` (ppo_continuous.py) as one graph compiled by torch.compile; returns
+    `update(minibatch) -> parts`.
 
     `loss_fn(agent(obs, actions), minibatch) -> (loss, parts)` is the loss, minimised by the optimizers' Adam with
-    each of `clip_groups` clipped to global norm `max_grad_norm` (None: no clipping).
+    each of `clip_groups` clipped to global norm `max_grad_norm` (None: no clipping); a minibatch is the six
+    tensors (obs, actions, log_probs, advantages, returns, values) of ppo_continuous.py's learning phase.
 
     On a CPU each of the ~100 small ops of an eager update costs more in overhead than in arithmetic. Written as a
     pure function (torch.func.grad for the gradients, torch's functional Adam on the optimizers' own state), the

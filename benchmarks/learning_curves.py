@@ -84,7 +84,7 @@ def table(results, seeds):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--old-script", required=True, help="the old trainer (with checkpoint_saver.py beside it)")
+    parser.add_argument("--old-script", required=True, help="the old trainer (with the companion modules it imports beside it)")
     parser.add_argument("--new-script", default=str(NEW_SCRIPT), help="default: this repo's ppo_continuous.py")
     parser.add_argument("--env-id", default="Pendulum-v1")
     parser.add_argument("--total-timesteps", type=int, default=200000)

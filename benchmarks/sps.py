@@ -40,6 +40,7 @@ sys.path.insert(0, str(REPO))
 import ppo_continuous  # noqa: E402
 from ppo_support import check_env  # noqa: E402
 
+COMPANIONS = ("ppo_support", "checkpoint_saver")
 PRESETS = [  # (env id, num_envs, num_steps): CleanRL's defaults, then the vectorised configuration
     ("HalfCheetah-v4", 1, 2048),
     ("HalfCheetah-v4", 8, 256),
@@ -49,10 +50,18 @@ PRESETS = [  # (env id, num_envs, num_steps): CleanRL's defaults, then the vecto
 
 
 def load_trainer(script):
+    """Another version of the trainer, with the companion modules of its own folder (not this checkout's)."""
     spec = importlib.util.spec_from_file_location(f"trainer_{abs(hash(script))}", script)
     module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(Path(script).parent))
-    spec.loader.exec_module(module)
+    ours = {name: sys.modules.pop(name) for name in COMPANIONS if name in sys.modules}
+    sys.path.insert(0, str(Path(script).resolve().parent))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.pop(0)
+        for name in COMPANIONS:
+            sys.modules.pop(name, None)
+        sys.modules.update(ours)
     return module
 
 

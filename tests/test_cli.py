@@ -257,3 +257,20 @@ def test_a_reader_that_goes_away_does_not_stop_the_run(workdir):
     (run_dir,) = run_dirs(workdir)
     assert torch.load(run_dir / "final.pt", weights_only=True)["global_step"] == 2048
 
+
+def test_a_copy_of_the_trainer_elsewhere_runs_with_its_edit(workdir):
+    """The README's way to experiment: copy ppo_continuous.py, edit the copy, keep the repository on PYTHONPATH."""
+    experiment = workdir / "experiment"
+    experiment.mkdir()
+    source = SCRIPT.read_text()
+    edit = ('    clip_coef: float = 0.2\n    """the surrogate clipping coefficient"""',
+            '    clip_coef: float = 0.1\n    """the surrogate clipping coefficient (this experiment: 0.1)"""')
+    assert edit[0] in source
+    (experiment / "my_ppo.py").write_text(source.replace(*edit))
+    result = run_cli("--env-id", "Pendulum-v1", "--total-timesteps", 256, *FAST, *FAST_EVAL, cwd=experiment,
+                     script=experiment / "my_ppo.py")
+    assert result.returncode == 0, result.stderr
+    (run_dir,) = run_dirs(experiment)
+    assert "__my_ppo__" in run_dir.name
+    hyperparameters = torch.load(run_dir / "final.pt", weights_only=True)["args"]
+    assert hyperparameters["clip_coef"] == 0.1 and hyperparameters["exp_name"] == "my_ppo"

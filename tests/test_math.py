@@ -13,8 +13,8 @@ import ppo_continuous
 from ppo_continuous import (TrainError, compute_gae, differential_returns, explained_variance, gaussian_entropy,
                             gaussian_log_prob, learning_rate_factor, make_training_envs, policy_loss, resolved_args,
                             update_rho, value_loss)
-from ppo_support import (check_env, make_vector_env, mean_confidence_interval, normalize_observation, numpy_mlp,
-                         numpy_policy)
+from ppo_support import (check_env, check_numpy_mirrors, make_vector_env, mean_confidence_interval,
+                         normalize_observation, numpy_mlp, numpy_policy)
 import tests.envs  # noqa: F401  (registers the test envs)
 from tests.conftest import fast_args
 
@@ -196,6 +196,43 @@ def test_numpy_policy_matches_get_action_and_value():
     np.testing.assert_allclose(action, want_action.detach().numpy(), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(log_prob, want_log_prob.detach().numpy(), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(value, want_value.detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
+class SoftplusStd(ppo_continuous.Agent):
+    """An edit a researcher might make: the std through softplus instead of exp."""
+
+    def get_action_and_value(self, x, action=None):
+        mean = self.actor_mean(x)
+        std = nn.functional.softplus(self.actor_logstd.expand_as(mean))
+        action = mean + std * torch.randn_like(mean) if action is None else action
+        log_prob = gaussian_log_prob(action, mean, std.log())
+        return action, log_prob, gaussian_entropy(std.log()), self.critic(x).squeeze(-1)
+
+
+class TanhMean(ppo_continuous.Agent):
+    """Another: a deterministic action squashed with tanh, whatever --squash-actions says."""
+
+    def get_deterministic_action(self, x):
+        return torch.tanh(self.actor_mean(x))
+
+
+class ScaledValue(ppo_continuous.Agent):
+    def get_action_and_value(self, x, action=None):
+        action, log_prob, entropy, value = super().get_action_and_value(x, action)
+        return action, log_prob, entropy, 2 * value
+
+
+def test_check_numpy_mirrors_catches_an_agent_edited_without_its_numpy_mirror():
+    torch.manual_seed(0)
+    check_numpy_mirrors(ppo_continuous.Agent(5, 3, (16, 8)))
+    check_numpy_mirrors(ppo_continuous.Agent(5, 3, (16, 8), -np.ones(3), np.ones(3), squash_actions=True))
+    for edited, what in [(SoftplusStd, "log-probabilities"), (ScaledValue, "values"),
+                         (TanhMean, "deterministic actions")]:
+        agent = edited(5, 3, (16, 8))
+        with torch.no_grad():  # a mean far from 0, so tanh is not the identity there
+            agent.actor_mean[-1].bias.fill_(2.0)
+        with pytest.raises(RuntimeError, match=f"numpy policy's {what} differ"):
+            check_numpy_mirrors(agent)
 
 
 def test_update_rho_starts_at_the_first_rollout_mean_then_moves_by_the_step_size():
