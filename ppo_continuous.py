@@ -173,7 +173,8 @@ class Args:
 
 
 class Agent(nn.Module):
-    """CleanRL's continuous agent: separate actor and critic MLPs, state-independent log-std."""
+    """CleanRL's continuous agent: separate actor and critic MLPs, state-independent log-std. Rollouts and
+    evaluation run its numpy mirror (ppo_support.py), checked against it at the start of every run."""
 
     def __init__(self, obs_size, action_size, hidden_sizes=(64, 64), action_low=None, action_high=None,
                  squash_actions=False):
