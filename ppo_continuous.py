@@ -884,6 +884,7 @@ def evaluate_checkpoint(args):
         env_info = check_env(args.env_id, env_kwargs)
         protocol = evaluation_protocol(args, env_info)
         agent = agent_from_checkpoint(checkpoint, args.eval_only)
+        check_numpy_mirrors(agent)
         policy = deterministic_numpy_policy(agent, observation_stats(checkpoint), checkpoint["args"]["clip_obs"])
         start = time.perf_counter()
         evaluation = evaluate(policy, args.env_id, env_kwargs, protocol, env_info["native_vector"])
