@@ -363,14 +363,15 @@ def _per_server_sum(values: np.ndarray, server_membership: np.ndarray) -> np.nda
     return (values[..., None, :] * server_membership).sum(axis=-1)
 
 
-def _effective_weights(weights, queues, connected, server_membership, server_of_buffer, priority=False) -> np.ndarray:
+def _effective_weights(weights, queues, connected, server_membership, server_of_buffer,
+                       allocation="proportional") -> np.ndarray:
     """Weights restricted to non-empty connected buffers; all-zero servers fall back to uniform.
 
-    With `priority`, the weights are unbounded scores (NaN lowest) and only each server's eligible buffers of
-    the largest score keep a weight (1).
+    With the "priority" allocation, the weights are unbounded scores (NaN lowest) and only each server's
+    eligible buffers of the largest score keep a weight (1).
     """
     eligible = (np.asarray(queues) > 0) & np.asarray(connected, dtype=bool)
-    if priority:
+    if allocation == "priority":
         scores = np.asarray(weights, dtype=np.float64)
         scores = np.where(eligible & ~np.isnan(scores), scores, -np.inf)
         outside = np.where(np.asarray(server_membership) > 0, 0.0, -np.inf)
@@ -381,8 +382,8 @@ def _effective_weights(weights, queues, connected, server_membership, server_of_
     return np.where(all_zero, eligible, masked)
 
 
-def server_allocation(weights, queues, connected, server_membership, priority=False) -> np.ndarray:
-    """Probability that each buffer is the one its server picks this slot (`priority`: largest weight wins).
+def server_allocation(weights, queues, connected, server_membership, allocation="proportional") -> np.ndarray:
+    """Probability that each buffer is the one its server picks this slot (`allocation`: one of ALLOCATIONS).
 
     Arrays have shape (..., K); `server_membership` is (S, K) 0/1 (or bool), 1 where the server
     serves the buffer. For each server the probabilities over its buffers sum to 1, or to 0 when
@@ -390,7 +391,7 @@ def server_allocation(weights, queues, connected, server_membership, priority=Fa
     """
     server_membership = np.asarray(server_membership, dtype=np.float64)
     server_of_buffer = server_membership.argmax(axis=0)
-    effective = _effective_weights(weights, queues, connected, server_membership, server_of_buffer, priority)
+    effective = _effective_weights(weights, queues, connected, server_membership, server_of_buffer, allocation)
     total = _per_server_sum(effective, server_membership)[..., server_of_buffer]
     return np.divide(effective, total, out=np.zeros_like(effective), where=total > 0)
 
@@ -419,8 +420,7 @@ def step_dynamics(
     """
     num_buffers = network.num_buffers
     effective = _effective_weights(
-        weights, queues, connected, network.server_membership, network.server_of_buffer,
-        network.allocation == "priority",
+        weights, queues, connected, network.server_membership, network.server_of_buffer, network.allocation
     )
     # Exponential race: the buffer with the smallest Exp(1)/weight among a server's buffers is
     # picked with probability weight / (sum of the server's weights), exactly, with no

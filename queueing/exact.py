@@ -254,8 +254,7 @@ def policy_transition(model: TransitionModel, policy: Policy) -> scipy.sparse.cs
     for pattern, pattern_probability in zip(patterns, pattern_probabilities):
         connected = np.broadcast_to(pattern, space.queues.shape)
         weights = np.asarray(policy(observation(network, space.queues, connected)), dtype=np.float64)
-        allocation = server_allocation(weights, space.queues, connected, network.server_membership,
-                                        network.allocation == "priority")
+        allocation = server_allocation(weights, space.queues, connected, network.server_membership, network.allocation)
         for configuration, rows, matrix in zip(model.configurations, model.rows, model.matrices):
             probability = np.full(len(rows), pattern_probability)
             for server, buffer in enumerate(configuration):

@@ -173,13 +173,13 @@ def test_allocation_is_per_server_and_idle_servers_get_nothing():
 def test_priority_allocation_serves_the_largest_eligible_weight_and_splits_ties():
     two_servers = np.array([[1, 1, 0, 0], [0, 0, 1, 1]])
     # Server 0: buffer 0 has the larger weight but is empty, so buffer 1 wins; server 1: a tie.
-    probabilities = server_allocation([0.9, 0.2, 0.4, 0.4], [0, 2, 1, 1], [1, 1, 1, 1], two_servers, priority=True)
+    probabilities = server_allocation([0.9, 0.2, 0.4, 0.4], [0, 2, 1, 1], [1, 1, 1, 1], two_servers, "priority")
     np.testing.assert_allclose(probabilities, [0.0, 1.0, 0.5, 0.5])
-    probabilities = server_allocation([np.nan, 3.0, 0.5, -1.0], [1, 1, 1, 1], [1, 1, 1, 1], ONE_SERVER, priority=True)
+    probabilities = server_allocation([np.nan, 3.0, 0.5, -1.0], [1, 1, 1, 1], [1, 1, 1, 1], ONE_SERVER, "priority")
     np.testing.assert_allclose(probabilities, [0.0, 1.0, 0.0, 0.0])  # scores are not clipped; NaN is lowest
-    probabilities = server_allocation([5.0, 2.0, 7.0, 3.0], [1, 1, 1, 1], [1, 1, 1, 1], ONE_SERVER, priority=True)
+    probabilities = server_allocation([5.0, 2.0, 7.0, 3.0], [1, 1, 1, 1], [1, 1, 1, 1], ONE_SERVER, "priority")
     np.testing.assert_allclose(probabilities, [0.0, 0.0, 1.0, 0.0])
-    probabilities = server_allocation([0.0, 0.0, 0.0, 0.9], [3, 3, 3, 0], [1, 0, 1, 1], ONE_SERVER, priority=True)
+    probabilities = server_allocation([0.0, 0.0, 0.0, 0.9], [3, 3, 3, 0], [1, 0, 1, 1], ONE_SERVER, "priority")
     np.testing.assert_allclose(probabilities, [0.5, 0.0, 0.5, 0.0])
 
 
