@@ -459,10 +459,10 @@ def train(args, on_evaluation=None):
     `on_evaluation(global_step, evaluation)` is called after each evaluation; returning True stops the run.
     Raises TrainError on bad options. Changes global state only while it runs (see README, Library use).
     """
-    given = args
+    given = args  # as the caller gave them: checkpoints save these, so a resumed run can change one
     args, env_kwargs = resolved_args(args)
     with global_state(args), stop_signals() as stop:
-        run = Run(given, args, env_kwargs)
+        run = Run(given, args, env_kwargs)  # envs, agent, optimizers, run folder, registry; restores --resume
         agent, counters, envs, batch_size = run.agent, run.counters, run.envs, args.num_envs * args.num_steps
         try:
             buffers = {name: np.zeros((args.num_steps, args.num_envs, *shape), dtype=dtype) for name, shape, dtype in [
@@ -533,7 +533,7 @@ def train(args, on_evaluation=None):
                 run.log_update((pg_loss, v_loss, entropy_loss), ratios, buffers["values"], returns)
                 run.save_latest()
             return run.finish(on_evaluation, interrupted=stop["requested"])
-        finally:
+        finally:  # a run that failed on bad input leaves no folder without a checkpoint
             run.close(failed=isinstance(sys.exc_info()[1], TrainError))
 
 
