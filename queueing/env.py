@@ -258,6 +258,13 @@ class Network:
     routing_high: np.ndarray | None  # (K, K)
     connectivity: np.ndarray | None  # (K,) probability of being connected in a slot
     allocation: str = "proportional"  # how a server turns weights into its pick: ALLOCATIONS
+    # The validated instance itself (JSON-able), so a saved model can rebuild the network anywhere.
+    definition: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def problem_definition(self) -> dict:
+        """Env keyword arguments that rebuild this network from any directory: the instance itself and the rule."""
+        return {"instance": self.definition, "allocation": self.allocation}
 
     @classmethod
     def from_instance(cls, instance: str | dict | Network, allocation: str | None = None) -> Network:
@@ -296,6 +303,7 @@ class Network:
             routing_high=routing_high,
             connectivity=None if spec["connectivity"] is None else np.array(spec["connectivity"]),
             allocation=allocation or "proportional",
+            definition=spec,
         )
 
     @property
