@@ -30,11 +30,12 @@ import torch.nn as nn
 from gymnasium.wrappers.utils import RunningMeanStd
 
 from checkpoint_saver import RegistryError, instance_key, save_atomic
-from ppo_support import (LOG_SQRT_2PI, Progress, TrainError, check_env, check_numpy_mirrors, compiled_minibatch_update,
-                         deterministic_numpy_policy, env_action_map, evaluate, evaluation_protocol, format_score,
-                         global_state, grouped_cli, load_rms_state, make_vector_env, normalize_observation,
-                         numpy_policy, observation_stats, open_registry, open_writer, read_checkpoint,
-                         require_cpp_compiler, rms_state, say, signal_handlers, stop_signals, unique_run_dir, warn)
+from ppo_support import (LOG_SQRT_2PI, CandidateSelection, Progress, TrainError, check_env, check_numpy_mirrors,
+                         compiled_minibatch_update, default_eval_every, deterministic_numpy_policy, env_action_map,
+                         evaluate, evaluation_protocol, format_score, global_state, grouped_cli, load_rms_state,
+                         make_vector_env, normalize_observation, numpy_policy, observation_stats, open_registry,
+                         open_writer, read_checkpoint, require_cpp_compiler, rms_state, say, signal_handlers,
+                         stop_signals, unique_run_dir, warn)
 
 
 @dataclass
@@ -147,9 +148,9 @@ class Args:
     eval_continuing: Optional[bool] = None
     """score as a continuing task, with warm-up (default: the env's metadata['continuing'])"""
     eval_every: Optional[int] = None
-    """steps between periodic evaluations (default: a tenth of --total-timesteps)"""
-    eval_budget: float = 0.15
-    """share of the wall time evaluations may take for nominated agents (periodic ones always run)"""
+    """steps between periodic evaluations (default: a tenth of the run; longer when evaluations are long, README)"""
+    eval_nominated: int = 1
+    """at most this many evaluations of nominated agents between two periodic ones (0: periodic ones only)"""
     eval_only: Optional[str] = None
     """evaluate this checkpoint under the evaluation protocol and exit, without training"""
     eval_json: Optional[str] = None
@@ -551,7 +552,6 @@ class Run:
         self.obs_size, self.action_size = self.env_info["obs_size"], self.env_info["action_space"].shape[0]
         self.protocol = evaluation_protocol(args, self.env_info)
         self.instance = instance_key(args.env_id, env_kwargs, args.problem_instance)
-        self.better = (lambda a, b: a < b) if args.lower_is_better else (lambda a, b: a > b)
         self.saver = open_registry(args, self.instance, self.protocol)
         resumed = read_checkpoint(args.resume) if args.resume else None
 
@@ -593,11 +593,11 @@ class Run:
         batch_size = args.num_envs * args.num_steps
         self.final_step = self.counters["global_step"] + (
             (args.total_timesteps - self.counters["global_step"]) // batch_size) * batch_size
-        self.eval_every = args.eval_every or max(args.total_timesteps // 10, batch_size)
-        self.start_step, self.start_time = self.counters["global_step"], time.time()
-        self.last_eval_step, self.rollouts_seen = self.start_step, 0
-        self.latest_lta, self.best_training_lta, self.nominated = math.nan, math.nan, False
-        self.best, self.evals_since_best, self.stopped_early, self.stopped_by_callback = None, 0, False, False
+        self.start_step, self.start_time, self.rollouts_seen = self.counters["global_step"], time.time(), 0
+        self.selection = CandidateSelection(self.start_step, args.eval_every or default_eval_every(
+            args.total_timesteps, batch_size, self.protocol, args.eval_nominated), args.eval_nominated,
+            args.early_stop_patience, args.lower_is_better)
+        self.latest_lta, self.stopped_by_callback = math.nan, False
         self.timing = {"rollout_seconds": 0.0, "update_seconds": 0.0, "eval_seconds": 0.0}
         self.stats, self.phase_start = {}, time.perf_counter()
         self.progress = Progress(self.final_step, self.counters["global_step"])
@@ -657,10 +657,8 @@ class Run:
         self.writer.add_scalar("charts/episodic_return", returns.mean(), step)
         self.writer.add_scalar("charts/episodic_length", lengths.mean(), step)
         self.writer.add_scalar("charts/avg_LTA_return", self.latest_lta, step)
-        if math.isfinite(self.latest_lta) and (math.isnan(self.best_training_lta)
-                                               or self.better(self.latest_lta, self.best_training_lta)):
-            self.best_training_lta, self.nominated = self.latest_lta, True
-            self.writer.add_scalar("charts/best_LTA_return", self.best_training_lta, step)
+        if self.selection.measured(self.latest_lta):
+            self.writer.add_scalar("charts/best_LTA_return", self.latest_lta, step)
 
     def begin_rollout(self):
         """Set this rollout's learning rates (the schedule is a function of the steps done)."""
@@ -673,9 +671,8 @@ class Run:
         self.lr_factor, self.phase_start = factor, time.perf_counter()
 
     def end_rollout(self, buffers, on_evaluation):
-        """Checks that need a rollout to see, then the evaluation of the agent that collected it, if one is due:
-        every `eval_every` steps, or when it is nominated and evaluations have taken less than `eval_budget` of
-        the run's wall time so far."""
+        """Checks that need a rollout to see, then the evaluation of the agent that collected it, if the candidate
+        selection says one is due."""
         args, self.rollouts_seen = self.args, self.rollouts_seen + 1
         self.counters["rollouts"] += 1
         self.timing["rollout_seconds"] += time.perf_counter() - self.phase_start
@@ -689,8 +686,7 @@ class Run:
                                                                          self.env_info["time_limit"]) is None:
             warn(f"no episode has ended after {self.counters['global_step']} steps: the env has no time limit, so "
                  f"no LTA return is measured in training (set --reset-steps); periodic evaluations still run")
-        within_budget = self.timing["eval_seconds"] <= args.eval_budget * (time.time() - self.start_time)
-        if self.counters["global_step"] - self.last_eval_step >= self.eval_every or (self.nominated and within_budget):
+        if self.selection.due(self.counters["global_step"]):
             self.evaluate_candidate(on_evaluation)
         self.phase_start = time.perf_counter()
 
@@ -702,32 +698,25 @@ class Run:
         evaluation = evaluate(policy, self.args.env_id, self.env_kwargs, self.protocol, self.env_info["native_vector"])
         self.timing["eval_seconds"] += time.perf_counter() - start
         self.counters["evaluations"] += 1
-        self.nominated, self.last_eval_step = False, step
         mean, half_width = evaluation["mean"], evaluation["half_width"]
         for tag, value in [("eval/LTA_return", mean), ("eval/LTA_return_ci_low", mean - half_width),
                            ("eval/LTA_return_ci_high", mean + half_width), ("eval/LTA_return_half_width", half_width),
                            ("perf/eval_seconds", self.timing["eval_seconds"])]:
             self.writer.add_scalar(tag, value, step)
-        if self.best is None or self.better(mean, self.best["mean"]):
-            self.best, self.evals_since_best = evaluation, 0
+        if self.selection.evaluated(step, evaluation):
             save_atomic(make_checkpoint(self, evaluation), self.run_dir / "best.pt")
             self.writer.add_scalar("eval/best_LTA_return", mean, step)
-        else:
-            self.evals_since_best += 1
         try:
             self.saver.submit(mean, lambda: make_checkpoint(self, evaluation), self.run_dir.name, step, half_width)
         except RegistryError as error:
             raise TrainError(str(error)) from None
         if on_evaluation is not None and on_evaluation(step, evaluation):
             self.stopped_by_callback = True
-        # The first evaluation always sets the best, so patience runs out only after at least one update.
-        patience = self.args.early_stop_patience
-        if patience and self.evals_since_best >= patience:
-            self.stopped_early = True
         return evaluation
 
     def stopped(self, stop):
-        return stop["requested"] or self.stopped_early or self.stopped_by_callback
+        # The first evaluation always sets the best, so patience runs out only after at least one update.
+        return stop["requested"] or self.selection.out_of_patience or self.stopped_by_callback
 
     def log_update(self, losses, ratios, values, returns):
         """TensorBoard scalars of this rollout's learning phase, and the progress bar."""
@@ -758,7 +747,8 @@ class Run:
             self.stats["charts/rho"] = self.rho
         for tag, value in self.stats.items():
             self.writer.add_scalar(tag, value, step)
-        self.progress.update(step, sps, self.latest_lta, math.nan if self.best is None else self.best["mean"])
+        self.progress.update(step, sps, self.latest_lta, math.nan if self.selection.best is None
+                             else self.selection.best["mean"])
 
     def save_latest(self):
         every = self.args.save_latest_every
@@ -769,21 +759,22 @@ class Run:
         """Evaluate the last agent (unless interrupted, to stop at once), save final.pt with its own score,
         print where the run ended and return the summary."""
         self.progress.close()
+        stopped_early = self.selection.out_of_patience
+        reason = ("interrupted" if interrupted else "early stop" if stopped_early
+                  else "stopped by on_evaluation" if self.stopped_by_callback else "done")
         final = None if interrupted or self.counters["updates"] == 0 else self.evaluate_candidate(on_evaluation)
         save_atomic(make_checkpoint(self, final), self.run_dir / "final.pt")
-        reason = ("interrupted" if interrupted else "early stop" if self.stopped_early
-                  else "stopped by on_evaluation" if self.stopped_by_callback else "done")
         say(f"{reason}: step {self.counters['global_step']}/{self.final_step}; evaluations took "
             f"{self.timing['eval_seconds']:.1f} s of {time.time() - self.start_time:.1f} s")
-        for name, evaluation in (("best.pt", self.best), ("final.pt", final)):
+        for name, evaluation in (("best.pt", self.selection.best), ("final.pt", final)):
             if evaluation is not None:
                 say(f"{name}: LTA return {format_score(evaluation)} (95% CI over {evaluation['episodes']} "
                     f"{self.protocol['kind']} episodes)")
         say(f"saved in {self.run_dir}")
-        return {"run_dir": self.run_dir, "instance": self.instance, "protocol": self.protocol, "best": self.best,
-                "final": final, "agent": self.agent, "obs_rms": self.obs_rms, "counters": self.counters,
-                "stats": self.stats, "timing": self.timing, "interrupted": interrupted,
-                "stopped_early": self.stopped_early}
+        return {"run_dir": self.run_dir, "instance": self.instance, "protocol": self.protocol,
+                "best": self.selection.best, "final": final, "agent": self.agent, "obs_rms": self.obs_rms,
+                "counters": self.counters, "stats": self.stats, "timing": self.timing, "interrupted": interrupted,
+                "stopped_early": stopped_early}
 
     def close(self, failed=False):
         """Release envs and loggers; a run that failed on bad input (found only in training, such as an env that
@@ -816,9 +807,9 @@ def resolved_args(args):
           "actor_lr", "critic_lr", "clip_coef", "clip_reward", "clip_obs", "top_k"], lambda v: v > 0, "positive"),
         (["reset_steps", "max_grad_norm", "target_kl", "early_stop_patience", "eval_episodes", "eval_horizon",
           "eval_every"], lambda v: v is None or v > 0, "positive (or None)"),
-        (["eval_warmup", "save_latest_every"], lambda v: v is None or v >= 0, "zero or positive"),
+        (["eval_warmup", "eval_nominated", "save_latest_every"], lambda v: v is None or v >= 0, "zero or positive"),
         (["gamma", "gae_lambda"], lambda v: 0 <= v <= 1, "in [0, 1]"),
-        (["rho_step_size", "lr_decay_rate", "eval_budget"], lambda v: 0 < v <= 1, "in (0, 1]")]:
+        (["rho_step_size", "lr_decay_rate"], lambda v: 0 < v <= 1, "in (0, 1]")]:
         for name in names:
             if not valid(getattr(resolved, name)):
                 raise TrainError(f"--{name.replace('_', '-')} must be {requirement}, got {getattr(resolved, name)}")

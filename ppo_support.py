@@ -261,6 +261,69 @@ def format_score(evaluation):
     return f"{evaluation['mean']:.6g} +- {evaluation['half_width']:.3g}"
 
 
+# At most this many env steps of evaluation per training step, by default (see `default_eval_every`).
+EVAL_STEPS_PER_TRAINING_STEP = 10
+
+
+def default_eval_every(total_timesteps, batch_size, protocol, nominated_per_interval):
+    """A tenth of the run (at least one rollout), but never so often that the evaluations of an interval (the
+    periodic one and the nominated ones) simulate more than EVAL_STEPS_PER_TRAINING_STEP env steps per training
+    step. An evaluation step costs 1/25 to 1/50 of a training step on the envs measured (README), so evaluation
+    stays a minority of a short run while long runs keep ten periodic evaluations."""
+    evaluation_steps = protocol["episodes"] * (protocol["warmup"] + protocol["horizon"])
+    floor = math.ceil((1 + nominated_per_interval) * evaluation_steps / EVAL_STEPS_PER_TRAINING_STEP)
+    return max(total_timesteps // 10, batch_size, floor)
+
+
+class CandidateSelection:
+    """Which agents are evaluated, which evaluated agent is the best, and when patience runs out: a function of
+    steps and scores only, so one seed selects the same best.pt and stops at the same step on any machine.
+
+    Periodic evaluations fall on the grid `start + k * every` (at the first rollout end at or after each point).
+    A new best training measurement nominates the agent; at most `nominated_per_interval` nominated agents are
+    evaluated between two grid points. Patience counts evaluations in a row that did not beat the best.
+    """
+
+    def __init__(self, start_step, every, nominated_per_interval, patience=None, lower_is_better=False):
+        self.start, self.every, self.quota, self.patience = start_step, every, nominated_per_interval, patience
+        self.better = (lambda a, b: a < b) if lower_is_better else (lambda a, b: a > b)
+        self.best_measurement, self.nominated = math.nan, False
+        self.interval, self.nominated_in_interval = 0, 0
+        self.best, self.evaluations_since_best = None, 0
+
+    def measured(self, value):
+        """A training measurement of the current agent; True if it is the best so far (it nominates the agent)."""
+        if math.isfinite(value) and (math.isnan(self.best_measurement) or self.better(value, self.best_measurement)):
+            self.best_measurement, self.nominated = value, True
+            return True
+        return False
+
+    def due(self, step):
+        """Whether the agent at `step` is to be evaluated: a grid point has passed, or it is nominated and this
+        interval still allows a nominated evaluation."""
+        return (step - self.start) // self.every > self.interval or (self.nominated and
+                                                                    self.nominated_in_interval < self.quota)
+
+    def evaluated(self, step, evaluation):
+        """Record the evaluation (a dict with the score as "mean") of the agent at `step`; True if it is the new
+        best. The first evaluation is always the best so far."""
+        interval = (step - self.start) // self.every
+        if interval > self.interval:
+            self.interval, self.nominated_in_interval = interval, 0
+        else:
+            self.nominated_in_interval += 1
+        self.nominated = False
+        if self.best is None or self.better(evaluation["mean"], self.best["mean"]):
+            self.best, self.evaluations_since_best = evaluation, 0
+            return True
+        self.evaluations_since_best += 1
+        return False
+
+    @property
+    def out_of_patience(self):
+        return bool(self.patience) and self.evaluations_since_best >= self.patience
+
+
 def mean_confidence_interval(values, confidence=0.95):
     """The mean of independent measurements and the half-width of its Student-t confidence interval."""
     values = np.asarray(values, dtype=np.float64)

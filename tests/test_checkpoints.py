@@ -128,14 +128,14 @@ def test_the_readme_snippet_works_from_another_directory(indir):
 
 def test_early_stop_counts_evaluations_without_improvement(indir):
     # Constant reward: the first evaluation is the best and no later one improves on it. The first training
-    # measurement is the only nomination, so the evaluations run at rollouts 1 (nominated), 3, 5 and 7 (every
-    # 512 steps): patience 3 stops after the 4th, at step 7 x 256, not after 4 rollouts.
+    # measurement is the only nomination, so the evaluations run at rollouts 1 (nominated), 2, 4 and 6 (the grid
+    # of 512 steps): patience 3 stops after the 4th, at step 6 x 256, not after 4 rollouts.
     summary = train(fast_args(env_id="tests.envs:ConstantReward-v0", eval_horizon=None, total_timesteps=100_000,
                               eval_every=512, early_stop_patience=3))
-    assert summary["stopped_early"] and summary["counters"]["global_step"] == 7 * 256
+    assert summary["stopped_early"] and summary["counters"]["global_step"] == 6 * 256
     logged = scalars(summary["run_dir"])
-    assert [step for step, _ in logged["eval/LTA_return"]] == [256, 768, 1280, 1792, 1792]  # + the final agent
-    assert summary["counters"]["updates"] == 7 * 2  # the run learned after every rollout, the last included
+    assert [step for step, _ in logged["eval/LTA_return"]] == [256, 512, 1024, 1536, 1536]  # + the final agent
+    assert summary["counters"]["updates"] == 6 * 2  # the run learned after every rollout, the last included
 
 
 def test_early_stop_waits_for_the_first_update(indir):

@@ -156,7 +156,8 @@ def test_ctrl_c_stops_a_long_learning_phase_within_seconds(workdir):
 def test_a_second_ctrl_c_interrupts_at_once_and_closes_the_progress_bar(workdir):
     # The first Ctrl-C waits for the end of the step, and an evaluation is one step: a very long one here.
     cli = Cli(["--env-id", "Pendulum-v1", "--num-envs", 1, "--num-steps", 64, "--num-minibatches", 1,
-               "--total-timesteps", 64, "--eval-episodes", 2, "--eval-horizon", 100_000_000], cwd=workdir, tty=True)
+               "--total-timesteps", 64, "--eval-episodes", 2, "--eval-horizon", 100_000_000, "--eval-every", 64],
+              cwd=workdir, tty=True)
     cli.wait_until_learning()  # here: evaluating the agent after its first rollout
     assert "\x1b[?25l" in cli.stdout  # a live progress bar on the terminal hides the cursor
     cli.process.send_signal(signal.SIGINT)
