@@ -343,15 +343,16 @@ def storage_location(storage, study_name):
 
 
 def open_storage(location):
-    """A database URL opens an RDBStorage with heartbeats (a dead worker's trial is failed, not left running);
-    anything else is a journal file, which Optuna locks for safe use by several processes on one machine."""
+    """A database URL opens an RDBStorage with heartbeats (a dead worker's trial is failed, not left running, and
+    queued to run again); anything else is a journal file, which Optuna locks for safe use by several processes on
+    one machine (it has no heartbeat: `fail_trials_of_dead_workers` mends on resume)."""
     if "://" in location:
+        retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES)
         for attempt in range(STORAGE_ATTEMPTS):
             try:
                 return optuna.storages.RDBStorage(
                     location, engine_kwargs={"pool_pre_ping": True}, heartbeat_interval=HEARTBEAT_SECONDS,
-                    grace_period=GRACE_SECONDS,
-                    failed_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES))
+                    grace_period=GRACE_SECONDS, heartbeat_stale_trial_callback=retry)
             except Exception as error:  # SQLAlchemy and driver errors have no common base worth naming
                 # Workers started together on an empty database race to create Optuna's tables: the losers
                 # fail once, then find the tables made.
@@ -904,16 +905,18 @@ def interval_method(config, instances):
     """How the report's intervals are computed, in one sentence."""
     if config["aggregate"] == "iqm":
         method = ("Tukey-McLaughlin t intervals of the interquartile mean over all runs pooled (winsorized standard "
-                  "error, n - 2g - 1 degrees of freedom; its coverage measured at 92-94% on normal scores); "
+                  "error, n - 2g - 1 degrees of freedom; its coverage measured at 92-93% on normal scores); "
                   "per-instance columns and curves with fewer than 4 seeds are means with Student-t intervals")
     elif instances > 1:
         method = ("Student-t intervals over seeds, stratified by instance (the mean over instances of the per-instance "
                   "means; variances combined across instances, Welch-Satterthwaite degrees of freedom)")
     else:
         method = "Student-t intervals over seeds"
-    return (f"Intervals are {CONFIDENCE:.0%} CIs: {method}. 'vs best' is each trial's score minus the best trial's, "
-            f"paired over the (seed, instance) runs both made (same training and evaluation seeds), with the same "
-            f"interval over those differences.")
+    statistic = {"mean": "mean", "iqm": "interquartile mean"}[config["aggregate"]]
+    return (f"Intervals are {CONFIDENCE:.0%} CIs: {method}. 'vs best (paired)' is the {statistic}, over the "
+            f"(seed, instance) runs both trials made, of this trial's score minus the best trial's: they share "
+            f"training and evaluation seeds, so the noise common to both cancels; its interval is computed in the "
+            f"same way over those differences.")
 
 
 def markdown_report(study, config, trials, varied, labels, rows, top, missing, paths):

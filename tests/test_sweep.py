@@ -165,10 +165,10 @@ def test_intervals_cover_the_mean_at_their_level_with_few_seeds(seeds):
 
 
 def test_interquartile_mean_interval_coverage_as_the_report_states():
-    """The Tukey-McLaughlin interval of the interquartile mean: 92-94% on normal scores, as the report says."""
+    """The Tukey-McLaughlin interval of the interquartile mean: 92-93% on normal scores, as the report says."""
     rng = np.random.default_rng(0)
     for runs in (4, 5, 8):
-        assert 0.91 <= coverage("iqm", [rng.normal(1.0, 3.0, size=(20_000, runs))], 1.0) <= 0.95
+        assert 0.915 <= coverage("iqm", [rng.normal(1.0, 3.0, size=(20_000, runs))], 1.0) <= 0.935
 
 
 def test_intervals_and_paired_differences_against_naive_formulas():
@@ -276,7 +276,7 @@ def test_a_killed_worker_trial_is_failed_and_run_again_on_resume(workdir):
 
 
 @pytest.mark.skipif(bundled_binaries() is None, reason="no PostgreSQL server binaries: pip install -r requirements.txt")
-def test_two_workers_join_one_study_on_postgresql(workdir):
+def test_two_workers_join_one_study_on_postgresql(workdir, monkeypatch):
     """Two `sweep.py run` commands, as on two machines, share one study through a real PostgreSQL server."""
     started = time.monotonic()
     with postgres_server() as url:
@@ -303,6 +303,20 @@ def test_two_workers_join_one_study_on_postgresql(workdir):
                          script=SWEEP)
         assert result.returncode == 0, result.stderr[-2000:]
         assert len(optuna.load_study(study_name="shared", storage=url).get_trials()) == 2
+
+        # A worker whose heartbeats stop (killed on another machine) has its trial failed and queued again, and
+        # the budget counts that configuration once.
+        monkeypatch.setattr(sweep, "GRACE_SECONDS", 1)
+        storage = sweep.open_storage(url)
+        study = optuna.load_study(study_name="shared", storage=storage)
+        trial = study.ask({"learning_rate": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)})
+        storage.record_heartbeat(trial._trial_id)
+        time.sleep(2)
+        optuna.storages.fail_stale_trials(study)
+        stale, retry = study.get_trials()[2:]
+        assert stale.state == optuna.trial.TrialState.FAIL and retry.state == optuna.trial.TrialState.WAITING
+        assert retry.params == stale.params and retry.system_attrs["failed_trial"] == stale.number
+        assert sweep.trials_spent(study) == 2
     print(f"PostgreSQL server started in {server_seconds:.2f} s")
 
 
