@@ -1,107 +1,92 @@
-"""Best-LTA checkpoint registry: the top-k evaluated policies ever trained per problem instance.
+"""Best-LTA checkpoint registry: the top-k evaluated policies ever trained per problem instance, in a database.
 
-Researchers train many PPO runs on the same problem instance and want "the best policy we
-ever trained for instance X". The trainer evaluates each candidate under a fixed evaluation
-protocol and calls ``CheckpointSaver.submit`` with the evaluated score (mean LTA return) and
-its 95% confidence half-width; the checkpoint is written only if the score is among the k
-best ever submitted for that instance, across all runs and processes.
+Researchers train many PPO runs on the same problem instance and want "the best policy we ever trained for
+instance X". The trainer evaluates each candidate under a fixed evaluation protocol and calls
+``CheckpointSaver.submit`` with the evaluated score (mean LTA return) and its 95% confidence half-width; the
+checkpoint is stored only if the score is among the k best ever submitted for that instance, by any run, process
+or machine using the same database.
 
-Layout on disk::
+Where: a registry is a database reached through SQLAlchemy. A location without ``://`` is a folder holding the
+SQLite file ``registry.db`` (embedded, no server: one machine; the trainer's default is ``runs/checkpoints``);
+``postgresql://user@host/db`` is shared by many machines (it may be the database of a sweep's Optuna study).
+Two tables, ``registry_instances`` (one row per instance: its protocol, ranking direction and k) and
+``registry_entries`` (score, half_width, run_name, global_step, created, host, and the checkpoint's bytes, a
+``torch.save`` of the trainer's dict plus that metadata).
 
-    ROOT/<instance>/index.json        {"protocol", "top_k", "lower_is_better", "entries"}
-    ROOT/<instance>/<run>-step<N>-<id>.pt
-    ROOT/<instance>/index.json.lock   inter-process lock
+Meaning: scores are comparable only under one evaluation protocol (a JSON-able dict, compared by value) and one
+direction (``lower_is_better``), recorded with an instance's first entry; a saver with another protocol or
+direction is refused with a one-line ``RegistryError``. A score enters only if it strictly beats the k-th (on
+equal scores the older entry stays first); NaN or infinite scores never enter. The instance stores its k: a
+saver with a larger ``top_k`` raises it, one with a smaller one never lowers it.
 
-``entries`` lists, best first, ``score``, ``half_width``, ``file`` (name inside the folder),
-``run_name``, ``global_step`` and ``created`` (``time.time()``). Every checkpoint file also
-carries that metadata plus ``protocol``, ``lower_is_better``, ``top_k`` and ``instance``, so a
-missing or corrupt ``index.json`` is rebuilt from the files alone. A folder without
-checkpoints has no index.
+What the database guarantees, so this module does not have to (the folder registry before it locked files,
+repaired its index from the checkpoints' metadata, merged orphans and cleaned stale temporary files):
 
-Scores are comparable only under one evaluation protocol (an opaque JSON-able dict compared
-by equality) and one ranking direction, so a folder holds one of each: the first checkpoint
-fixes them, and a saver with another protocol or direction is refused with a
-``RegistryError``. Index files of older versions (a JSON list of entries with unevaluated
-scores) are refused too, never mixed in.
+* a submission is one transaction (entry in, displaced entries out, k raised): a writer killed at any point
+  leaves the registry as before or as after it, never in between, and readers only ever see committed states;
+* writers to one instance are serialised: each write transaction begins by writing the instance's row, which
+  holds that row's lock (PostgreSQL) or the database's write lock (SQLite) until it ends, so the k-th score it
+  compares with is the latest; a wait longer than ``lock_timeout`` fails with a ``RegistryError``;
+* the server rolls back the transaction of a connection that dies (PostgreSQL also ends one left idle in a
+  transaction for ``lock_timeout``, so a frozen machine does not block the others).
 
-Top-k semantics: the folder stores its k. A submission keeps the stored-k best and deletes
-only the files it pushed below; a saver with a smaller ``top_k`` never shrinks the stored k,
-and one with a larger ``top_k`` raises it when its first checkpoint enters (k only grows;
-to start over with a smaller k, use another root). Reading (``entries``, ``check``,
-``read_index``, the leaderboard) never deletes a checkpoint.
-
-Concurrency and crash safety:
-
-* a score enters only if it strictly beats the current k-th, so on equal scores the older
-  checkpoint stays ranked first. The cheap pre-check reads the index without the lock (it is
-  replaced atomically, so it is some complete earlier state, whose k-th score is never better
-  than the current one): a rejected score costs no lock and no checkpoint build;
-* the checkpoint is serialised to a hidden temporary file (``.tmp-`` prefix) outside the
-  lock; under the lock the score is checked again against the fresh index, then the file is
-  moved into place with ``os.replace`` and the index is rewritten atomically, so readers
-  never see a partial file;
-* a writer killed mid-way leaves a temporary file, an orphan checkpoint (merged back into
-  the index) or an evicted file still on disk (listed until the next submission trims to k).
-  Temporary files may belong to live writers waiting for the lock, so only those older than
-  ``STALE_TEMP_SECONDS`` (much more than the longest allowed lock wait) are removed;
-* unreadable checkpoint files are renamed aside (``.unreadable``), not deleted;
-* a lock wait gives up after ``lock_timeout`` seconds with a ``RegistryError``.
-
-``python checkpoint_saver.py [ROOT] [--instance PART]`` prints the leaderboard.
+What stays here: the ranking rule, the protocol check, serialising the checkpoint before the transaction (only
+if the cheap pre-check, one indexed query for the k-th score, lets it in), the leaderboard, export and the
+import of folder registries. ``python checkpoint_saver.py --help`` lists the commands.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
+import io
 import json
 import math
 import os
 import re
+import socket
 import sys
 import time
 import uuid
-import warnings
-from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator
+from typing import Callable, Iterator
 
+import sqlalchemy as sa
 import torch
-from filelock import FileLock, Timeout
+from sqlalchemy.dialects import postgresql, sqlite
 
 DEFAULT_ROOT = "runs/checkpoints"
-INDEX_NAME = "index.json"
-LOCK_NAME = "index.json.lock"
-CHECKPOINT_SUFFIX = ".pt"
-# Temporary files start with a dot and never end in ".pt", so they cannot pass for checkpoints.
-TEMP_PREFIX = ".tmp-"
-# Checkpoints that torch.load cannot read are renamed aside, not deleted: they may be salvageable.
-UNREADABLE_SUFFIX = ".unreadable"
+DATABASE_NAME = "registry.db"
 DEFAULT_LOCK_TIMEOUT = 60.0
-# A temporary file this old cannot belong to a live writer: writers wait at most
-# MAX_LOCK_TIMEOUT for the lock after finishing the file.
-STALE_TEMP_SECONDS = 3600.0
-MAX_LOCK_TIMEOUT = STALE_TEMP_SECONDS / 2
-
+CONNECT_TIMEOUT_SECONDS = 10
 MAX_INSTANCE_KEY_LENGTH = 120
-MAX_RUN_NAME_LENGTH = 80
 HASH_LENGTH = 10
 _UNSAFE_CHARACTERS = re.compile(r"[^A-Za-z0-9._=,+-]+")
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_=,+-][A-Za-z0-9._=,+-]*")
 
-_ENTRY_TYPES = {
-    "score": (int, float),
-    "half_width": (int, float),
-    "file": str,
-    "run_name": str,
-    "global_step": int,
-    "created": (int, float),
-}
-# What a folder's checkpoints have in common; stored once in the index, and in every file.
-_RANKING_TYPES = {"protocol": dict, "top_k": int, "lower_is_better": bool}
-
-_INDEX_MISSING = "index.json is missing"
-_INDEX_OF_OLDER_VERSION = "index.json is a list of unevaluated entries (older version)"
+_schema = sa.MetaData()
+instances_table = sa.Table(
+    "registry_instances", _schema,
+    sa.Column("instance", sa.String(MAX_INSTANCE_KEY_LENGTH), primary_key=True),
+    sa.Column("protocol", sa.Text, nullable=False),  # JSON, sorted keys
+    sa.Column("lower_is_better", sa.Boolean, nullable=False),
+    sa.Column("top_k", sa.Integer, nullable=False),
+)
+entries_table = sa.Table(
+    "registry_entries", _schema,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("instance", sa.ForeignKey(instances_table.c.instance), nullable=False),
+    sa.Column("score", sa.Double, nullable=False),
+    sa.Column("half_width", sa.Double, nullable=False),
+    sa.Column("run_name", sa.Text, nullable=False),
+    sa.Column("global_step", sa.BigInteger, nullable=False),
+    sa.Column("created", sa.Double, nullable=False),  # time.time()
+    sa.Column("host", sa.Text),  # None for entries imported from folders, which did not record it
+    sa.Column("checkpoint", sa.LargeBinary, nullable=False),
+    sa.Index("registry_entries_by_score", "instance", "score"),
+)
+ENTRY_FIELDS = ("id", "score", "half_width", "run_name", "global_step", "created", "host")
 
 
 class RegistryError(ValueError):
@@ -111,7 +96,7 @@ class RegistryError(ValueError):
 def instance_key(
     env_id: str, env_kwargs: dict | None = None, problem_instance: str | None = None
 ) -> str:
-    """Folder-safe, readable name of a problem instance.
+    """Readable, file-name-safe name of a problem instance.
 
     ``problem_instance`` wins if given; otherwise the env id plus its keyword arguments
     (order-independent). A hash of the exact input is appended whenever sanitising or
@@ -143,22 +128,77 @@ def instance_key(
 
 def save_atomic(obj: dict, path: str | os.PathLike) -> None:
     """``torch.save`` so that ``path`` holds either the old file or the complete new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomically(path, lambda file: torch.save(obj, file))
+    _write_atomically(Path(path), _serialise(obj))
+
+
+def registry_url(location: str | os.PathLike) -> str:
+    """A database URL as given, or the SQLite file ``registry.db`` in the folder ``location``."""
+    location = str(location)
+    return location if "://" in location else f"sqlite:///{Path(location) / DATABASE_NAME}"
+
+
+def without_password(location: str | None) -> str | None:
+    """The location with any password of its URL removed: for messages, and for options saved in files."""
+    return None if location is None else re.sub(r"(://[^:/@]+):[^@]*@", r"\1@", str(location))
+
+
+def open_database(
+    location: str | os.PathLike, lock_timeout: float = DEFAULT_LOCK_TIMEOUT, create: bool = True
+) -> sa.Engine:
+    """An engine on the registry at ``location``, its tables made if missing.
+
+    Without ``create``, a SQLite file that does not exist raises ``FileNotFoundError`` instead of being made.
+    Raises ``RegistryError`` for a URL that is not SQLite or PostgreSQL or a database that cannot be reached.
+    """
+    if not (0 < lock_timeout < math.inf):
+        raise ValueError(f"lock_timeout must be a positive number of seconds, got {lock_timeout}")
+    shown = without_password(location)
+    try:
+        url = sa.make_url(registry_url(location))
+    except sa.exc.ArgumentError:
+        raise RegistryError(f"{shown!r} is neither a folder nor a database URL: give "
+                            "postgresql://user@host/db, sqlite:///path.db or a folder") from None
+    if url.get_backend_name() == "sqlite":
+        if url.database in (None, "", ":memory:"):
+            raise RegistryError(f"the registry {shown} must be a SQLite file, not an in-memory database")
+        path = Path(url.database)
+        if not create and not path.is_file():
+            raise FileNotFoundError(f"no registry at {path}: give the --registry the runs saved to (default "
+                                    f"{DEFAULT_ROOT}). {legacy_hint(location)}".strip())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        connect_args = {"timeout": lock_timeout}
+    elif url.get_backend_name() == "postgresql":
+        milliseconds = int(lock_timeout * 1000)
+        connect_args = {"connect_timeout": CONNECT_TIMEOUT_SECONDS,
+                        "options": f"-c lock_timeout={milliseconds} "
+                                   f"-c idle_in_transaction_session_timeout={milliseconds}"}
+    else:
+        raise RegistryError(f"the registry {shown} is on {url.get_backend_name()}: give a postgresql:// or "
+                            "sqlite:/// URL, or a folder")
+    engine = sa.create_engine(url, connect_args=connect_args, pool_pre_ping=True)
+    for attempt in range(3):
+        try:
+            _schema.create_all(engine)
+            return engine
+        except sa.exc.DBAPIError as error:
+            # Processes starting together on an empty PostgreSQL database race to create the tables: the
+            # losers fail once (not for want of a connection), then find them made.
+            if isinstance(error, sa.exc.OperationalError) or attempt == 2:
+                engine.dispose()
+                raise _database_error(shown, error) from None
+            time.sleep(0.2 * (attempt + 1))
 
 
 class CheckpointSaver:
-    """Keeps the k best evaluated checkpoints of one instance in ``root/instance``.
+    """Keeps the k best evaluated checkpoints of one instance in the registry at ``location``.
 
-    ``protocol`` describes how scores were evaluated; only scores of equal protocols (and
-    equal ``lower_is_better``) are ranked together. ``top_k`` raises the folder's stored k
-    but never lowers it (see the module docstring).
+    ``protocol`` describes how scores were evaluated; only scores of equal protocols (and equal
+    ``lower_is_better``) are ranked together. ``top_k`` raises the instance's stored k but never lowers it.
     """
 
     def __init__(
         self,
-        root: str | os.PathLike,
+        location: str | os.PathLike,
         instance: str,
         top_k: int = 5,
         lower_is_better: bool = False,
@@ -169,43 +209,47 @@ class CheckpointSaver:
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
         if not _is_safe_name(instance):
-            raise ValueError(
-                f"instance {instance!r} is not a safe folder name; build it with instance_key()"
-            )
-        if not 0 < lock_timeout <= MAX_LOCK_TIMEOUT:
-            raise ValueError(
-                f"lock_timeout must be in (0, {MAX_LOCK_TIMEOUT:g}] seconds, got {lock_timeout}: "
-                f"temporary files older than {STALE_TEMP_SECONDS:g} s are taken for crash leftovers"
-            )
+            raise ValueError(f"instance {instance!r} is not a safe name; build it with instance_key()")
         self.instance = instance
         self.top_k = top_k
         self.lower_is_better = lower_is_better
         self.protocol = _canonical_protocol(protocol)
-        self.folder = Path(root) / instance
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self._lock = FileLock(self.folder / LOCK_NAME, timeout=lock_timeout)
+        self.location = without_password(location)
+        self.engine = open_database(location, lock_timeout)
+        # The instance's protocol and direction, and the score to beat under the larger of its k and ours.
+        stored_k = instances_table.c.top_k
+        offset = sa.select(sa.case((stored_k > top_k, stored_k), else_=top_k) - 1).where(
+            instances_table.c.instance == instance).scalar_subquery()
+        self._precheck = sa.select(
+            instances_table.c.protocol, instances_table.c.lower_is_better,
+            _kth_score_query(instance, lower_is_better, offset).scalar_subquery().label("kth_score"),
+        ).where(instances_table.c.instance == instance)
 
     def check(self) -> None:
-        """Raise ``RegistryError`` unless this saver may submit to the folder.
+        """Raise ``RegistryError`` unless this saver may write to the registry.
 
-        Meant to be called before training, so a run with another protocol or ranking
-        direction, or a folder of an older version, is refused before any work is done.
+        Meant to be called before training: it takes the instance's write lock in a transaction it rolls
+        back, so an unwritable registry, or one ranking this instance by another protocol or the other way
+        round, is refused before any work is done.
         """
-        with _locked(self._lock):
-            index = _repair(self.folder)
-        self._require_compatible(index)
+        with self._writing(commit=False):
+            pass
 
     def would_enter(self, score: float) -> bool:
-        """Whether ``score`` may enter the top-k; cheap: no lock, no checkpoint.
+        """Whether ``score`` may enter the top-k; cheap: one indexed query, no lock, no checkpoint.
 
-        False only when the score certainly does not enter (or is not finite); ``submit``
-        decides for good under the lock.
+        False only when the score certainly does not enter (or is not finite); ``submit`` decides for
+        good in its transaction.
         """
         score = float(score)
         if not math.isfinite(score):
             return False
-        ranked, top_k = self._unlocked_view()
-        return _enters(score, ranked, top_k, self.lower_is_better)
+        with self._connection() as connection:
+            stored = connection.execute(self._precheck).one_or_none()
+        if stored is None or _incompatibility(stored, self.location, self.instance, self.protocol,
+                                              self.lower_is_better):
+            return True  # an empty instance takes any score; submit raises the clear error
+        return _beats(score, stored.kth_score, self.lower_is_better)
 
     def submit(
         self,
@@ -215,14 +259,14 @@ class CheckpointSaver:
         global_step: int,
         half_width: float,
     ) -> bool:
-        """Save the checkpoint if ``score`` enters the top-k; return whether it did.
+        """Store the checkpoint if ``score`` enters the top-k; return whether it did.
 
-        ``checkpoint`` is a dict or a zero-argument callable returning one, called only if
-        the cheap pre-check passes. The saved dict is the checkpoint plus the metadata keys
-        ``score``, ``half_width``, ``run_name``, ``global_step``, ``created``, ``instance``,
-        ``protocol``, ``lower_is_better`` and ``top_k`` (which override same-named keys).
-        Non-finite scores are never saved. Raises ``RegistryError`` if the folder ranks
-        another protocol or direction, or on lock timeout.
+        ``checkpoint`` is a dict or a zero-argument callable returning one, called only if the cheap
+        pre-check passes. The stored dict is the checkpoint plus the metadata keys ``score``,
+        ``half_width``, ``run_name``, ``global_step``, ``created``, ``host``, ``instance``, ``protocol``,
+        ``lower_is_better`` and ``top_k`` (which override same-named keys). Non-finite scores are never
+        stored. Raises ``RegistryError`` if the instance is ranked by another protocol or direction, on a
+        lock timeout, or if the database fails.
         """
         score = float(score)
         if not math.isfinite(score):
@@ -230,154 +274,175 @@ class CheckpointSaver:
         half_width = float(half_width)
         if not (math.isfinite(half_width) and half_width >= 0):
             raise ValueError(f"half_width must be finite and >= 0, got {half_width}")
-        ranked, top_k = self._unlocked_view()
-        if not _enters(score, ranked, top_k, self.lower_is_better):
+        if not self.would_enter(score):
             return False
         if callable(checkpoint):
             checkpoint = checkpoint()
         if not isinstance(checkpoint, dict):
             raise TypeError(f"a checkpoint must be a dict, got {type(checkpoint).__name__}")
-
-        entry = {
-            "score": score,
-            "half_width": half_width,
-            "file": _checkpoint_file_name(run_name, global_step),
-            "run_name": str(run_name),
-            "global_step": int(global_step),
-            "created": time.time(),
-        }
-        metadata = {key: value for key, value in entry.items() if key != "file"}
-        # top_k is the stored k as far as known now; a lost index is rebuilt with the largest.
-        metadata.update(self._ranking(top_k), instance=self.instance)
-        path = self.folder / entry["file"]
-        temp_path = _write_temp(path, lambda file: torch.save({**checkpoint, **metadata}, file))
-        try:
-            with _locked(self._lock):
-                index = _repair(self.folder)
-                self._require_compatible(index)
-                if index is not None:
-                    ranked, top_k = index["entries"], max(index["top_k"], self.top_k)
-                else:
-                    ranked, top_k = [], self.top_k
-                if not _enters(score, ranked, top_k, self.lower_is_better):
-                    return False
-                os.replace(temp_path, path)
-                ranked = _ranked(ranked + [entry], self.lower_is_better)
-                _write_index(self.folder, {**self._ranking(top_k), "entries": ranked[:top_k]})
-                # Only after the index stops listing them may the displaced files disappear.
-                for displaced in ranked[top_k:]:
-                    (self.folder / displaced["file"]).unlink(missing_ok=True)
-        finally:
-            temp_path.unlink(missing_ok=True)  # already moved if the checkpoint entered
+        entry = {"score": score, "half_width": half_width, "run_name": str(run_name),
+                 "global_step": int(global_step), "created": time.time(), "host": socket.gethostname()}
+        metadata = {**entry, "instance": self.instance, "protocol": self.protocol,
+                    "lower_is_better": self.lower_is_better, "top_k": self.top_k}
+        entry["checkpoint"] = _serialise({**checkpoint, **metadata})
+        with self._writing() as (connection, top_k):
+            if not _beats(score, _kth_score(connection, self.instance, top_k, self.lower_is_better),
+                          self.lower_is_better):
+                return False
+            connection.execute(sa.insert(entries_table), [{**entry, "instance": self.instance}])
+            _trim(connection, self.instance, top_k, self.lower_is_better)
         return True
 
     def entries(self) -> list[dict]:
-        """The ranked entries, best first (the index repaired first if needed)."""
-        with _locked(self._lock):
-            index = _repair(self.folder)
-        return [] if index is None else index["entries"]
+        """The instance's entries, best first (without their checkpoints)."""
+        with self._connection() as connection:
+            return _ranked_entries(connection, self.instance, self.lower_is_better)
 
-    def _ranking(self, top_k: int) -> dict:
-        return {"protocol": self.protocol, "top_k": top_k, "lower_is_better": self.lower_is_better}
+    def _writing(self, commit: bool = True) -> contextlib.AbstractContextManager:
+        return _instance_transaction(self.engine, self.location, self.instance, self.protocol,
+                                     self.lower_is_better, self.top_k, commit)
 
-    def _unlocked_view(self) -> tuple[list[dict], int]:
-        """Ranked entries and k of the index as last written, read without the lock.
-
-        An unusable or incompatible index gives no entries: the score then goes on to
-        ``submit``'s locked path, which repairs the index or raises the clear error.
-        """
-        index, problem = _read_index_file(self.folder, check_files=False)
-        if problem is not None or self._incompatibility(index) is not None:
-            return [], self.top_k
-        return index["entries"], max(index["top_k"], self.top_k)
-
-    def _incompatibility(self, index: dict | None) -> str | None:
-        """Why this saver may not submit to a folder with ``index``, or None."""
-        if index is None or not index["entries"]:
-            return None  # an empty folder takes the protocol of its first checkpoint
-        if index["protocol"] != self.protocol:
-            return (
-                f"{self.folder} ranks checkpoints evaluated under protocol "
-                f"{_protocol_text(index['protocol'])}; this run's protocol is "
-                f"{_protocol_text(self.protocol)}: use the same evaluation options or another "
-                "--checkpoint-dir/--problem-instance"
-            )
-        if index["lower_is_better"] != self.lower_is_better:
-            return (
-                f"{self.folder} ranks checkpoints with lower_is_better={index['lower_is_better']};"
-                f" this run has lower_is_better={self.lower_is_better}: use the same "
-                "--lower-is-better setting or another --checkpoint-dir/--problem-instance"
-            )
-        return None
-
-    def _require_compatible(self, index: dict | None) -> None:
-        problem = self._incompatibility(index)
-        if problem is not None:
-            raise RegistryError(problem)
+    def _connection(self) -> contextlib.AbstractContextManager:
+        return _connected(self.engine, self.location)
 
 
-def read_index(
-    folder: str | os.PathLike, lock_timeout: float = DEFAULT_LOCK_TIMEOUT
-) -> dict | None:
-    """The index of an instance folder, or None if it holds no checkpoints.
-
-    The index is ``{"protocol", "top_k", "lower_is_better", "entries"}``, entries best first.
-    A valid index is read without the lock; a missing or corrupt one is rebuilt from the
-    files under the lock. Nothing is deleted here; the next submission trims to k.
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"no checkpoint folder {folder}")
-    index, problem = _read_index_file(folder)
-    if problem is None:
-        return index
-    with _locked(FileLock(folder / LOCK_NAME, timeout=lock_timeout)):
-        return _repair(folder)
+def read_instance(location: str | os.PathLike, instance: str) -> dict | None:
+    """``{"protocol", "top_k", "lower_is_better", "entries"}`` of an instance (entries best first, without
+    checkpoints), or None if the registry holds none of it."""
+    with _reading(location) as connection:
+        return _read_instance(connection, instance)
 
 
-def resolve_instance(root: str | os.PathLike, part: str) -> str:
-    """The instance folder under ``root`` named ``part``, or else the only one containing it."""
-    known = [folder.name for folder in _instance_folders(_existing_root(root))]
+def entry_bytes(location: str | os.PathLike, instance: str, rank: int = 1) -> bytes:
+    """The checkpoint of entry ``rank`` (1 = best) of ``instance`` (its key or a unique part), as ``torch.save``
+    wrote it: ``torch.load(io.BytesIO(data), weights_only=True)`` reads it."""
+    return _entry(location, instance, rank)[1]
+
+
+def export_entry(location: str | os.PathLike, instance: str, rank: int = 1,
+                 path: str | os.PathLike | None = None) -> tuple[dict, Path]:
+    """Write entry ``rank`` of ``instance`` to the ``.pt`` file ``path`` (default ``INSTANCE-rankN.pt``);
+    return the entry (with its ``instance``) and the path."""
+    entry, data = _entry(location, instance, rank)
+    path = Path(path or f"{entry['instance']}-rank{rank}.pt")
+    _write_atomically(path, data)
+    return entry, path
+
+
+def entries_of_runs(location: str | os.PathLike, run_names: list[str]) -> list[dict]:
+    """The entries, with their ``instance`` and ``rank``, of the runs named ``run_names``."""
+    found = []
+    with _reading(location) as connection:
+        for instance in _instance_names(connection):
+            ranked = _read_instance(connection, instance)["entries"]
+            found += [{**entry, "instance": instance, "rank": rank}
+                      for rank, entry in enumerate(ranked, start=1) if entry["run_name"] in run_names]
+    return found
+
+
+def legacy_hint(location: str | os.PathLike, instance: str = "*") -> str:
+    """How to import the folder registries of the previous version (of ``instance``) in the folder
+    ``location``, or "" if it holds none."""
+    location = str(location)
+    if "://" in location or not any(Path(location).glob(f"{instance}/index.json")):
+        return ""
+    return (f"{location} holds folder registries of the previous version, which the database does not read: "
+            f"import them with python checkpoint_saver.py import {location}")
+
+
+def resolve_instance(known: list[str], part: str, location: str | os.PathLike) -> str:
+    """The instance named ``part`` among ``known``, or else the only one containing it."""
     if part in known:
         return part
     matches = [name for name in known if part in name]
     if len(matches) == 1:
         return matches[0]
+    shown = without_password(location)
     if matches:
-        raise RegistryError(
-            f"instance {part!r} is ambiguous under {str(root)!r}, it matches "
-            f"{', '.join(matches)}; give more of the name"
-        )
-    raise FileNotFoundError(
-        f"no instance matching {part!r} under {str(root)!r}; known instances: "
-        f"{', '.join(known) or 'none'} (omit --instance to list all)"
-    )
+        raise RegistryError(f"instance {part!r} is ambiguous in the registry {shown}, it matches "
+                            f"{', '.join(matches)}; give more of the name")
+    raise RegistryError(f"no instance matching {part!r} in the registry {shown}; known instances: "
+                        f"{', '.join(known) or 'none'} (omit --instance to list all)")
 
 
-def leaderboard(root: str | os.PathLike, instance: str | None = None) -> str:
+def leaderboard(location: str | os.PathLike = DEFAULT_ROOT, instance: str | None = None) -> str:
     """Text tables of the best checkpoints, one per instance sorted by name.
 
     ``instance`` is an instance key or a unique part of one.
     """
-    root = _existing_root(root)
-    if instance is not None:
-        folders = [root / resolve_instance(root, instance)]
-    else:
-        folders = _instance_folders(root)
+    with _reading(location) as connection:
+        known = _instance_names(connection)
+        names = known if instance is None else [resolve_instance(known, instance, location)]
+        tables = [_format_instance(name, _read_instance(connection, name)) for name in names]
+    if not tables:
+        return f"No checkpoints yet in the registry {without_password(location)}. {legacy_hint(location)}".strip()
+    option = "" if str(location) == DEFAULT_ROOT else f" --registry {without_password(location)}"
+    return "\n\n".join(tables) + (f"\n\nexport one: python checkpoint_saver.py export INSTANCE --rank N{option}"
+                                  "; in Python: ppo_continuous.load_checkpoint(instance=..., rank=N)")
+
+
+def import_folders(root: str | os.PathLike, location: str | os.PathLike) -> tuple[list[str], bool]:
+    """Import the folder registries under ``root`` (``<instance>/index.json`` and checkpoint files, as
+    written by the version before the database) into the registry at ``location``.
+
+    Every checkpoint file carries its entry's metadata, so the files are the source: entries listed in
+    ``index.json`` and files a killed writer left unlisted alike; the index adds its k. Entries already in
+    the registry are skipped, so importing twice changes nothing; the instance then keeps its k best, as a
+    submission would. Nothing in ``root`` is changed. Returns one line per instance and whether all went in.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"no folder {root} to import")
+    folders = sorted(path for path in root.iterdir() if (path / "index.json").is_file())
     if not folders:
-        return f"No checkpoints yet under {root}."
-    return "\n\n".join(_format_instance(folder) for folder in folders)
+        raise FileNotFoundError(f"no folder registry under {root} (no <instance>/index.json)")
+    engine = open_database(location)
+    lines, complete = [], True
+    try:
+        for folder in folders:
+            try:
+                lines.append(_import_folder(engine, folder, location))
+            except RegistryError as error:
+                lines.append(f"{folder.name}: not imported: {error}")
+                complete = False
+    finally:
+        engine.dispose()
+    return lines, complete
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(
-        description="Print the best checkpoints saved per problem instance."
-    )
-    parser.add_argument("root", nargs="?", default=DEFAULT_ROOT, help=f"default {DEFAULT_ROOT}")
-    parser.add_argument("--instance", help="show only this instance (its key or a unique part)")
+        prog="python checkpoint_saver.py",
+        description="The best checkpoints per problem instance. With no command: the leaderboard.",
+        epilog="commands: export INSTANCE [--rank N] [--out FILE.pt]; import FOLDER (a folder registry of "
+               "the previous version). Each takes --registry.")
+    command = argv.pop(0) if argv and argv[0] in ("export", "import") else "show"
+    if command == "import":
+        parser.add_argument("folder", help="the folder holding <instance>/index.json")
+    elif command == "export":
+        parser.add_argument("instance", help="its key or a unique part of it")
+        parser.add_argument("--rank", type=int, default=1, help="1 (default) is the best")
+        parser.add_argument("--out", help="the .pt file to write (default: INSTANCE-rankN.pt)")
+    else:
+        parser.add_argument("--instance", help="show only this instance (its key or a unique part)")
+    parser.add_argument("--registry", help=f"database URL or folder of registry.db (default: {DEFAULT_ROOT}; "
+                                           "for import: FOLDER)")
     args = parser.parse_args(argv)
     try:
-        print(leaderboard(args.root, args.instance))
+        if command == "import":
+            lines, complete = import_folders(args.folder, args.registry or args.folder)
+            print("\n".join(lines))
+            print(f"the folders under {args.folder} are untouched; remove them once the leaderboard "
+                  f"shows their entries")
+            return 0 if complete else 2
+        location = args.registry or DEFAULT_ROOT
+        if command == "export":
+            entry, out = export_entry(location, args.instance, args.rank, args.out)
+            print(f"wrote {out}: {entry['instance']} rank {args.rank}, score {entry['score']:.6g} ± "
+                  f"{entry['half_width']:.3g}, run {entry['run_name']}, step {entry['global_step']}")
+        else:
+            print(leaderboard(location, args.instance))
     except (OSError, RegistryError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -387,29 +452,11 @@ def main(argv: list[str] | None = None) -> int:
 def _sanitise(text: str) -> str:
     text = _UNSAFE_CHARACTERS.sub("_", text)
     text = re.sub(r"\.{2,}", ".", text)
-    return text.strip(".")  # no hidden folders, no trailing dots (invalid on Windows)
+    return text.strip(".")  # no hidden files, no trailing dots (invalid on Windows)
 
 
 def _is_safe_name(name: str) -> bool:
-    return (
-        bool(_SAFE_NAME.fullmatch(name))
-        and ".." not in name
-        and len(name) <= MAX_INSTANCE_KEY_LENGTH
-    )
-
-
-def _is_checkpoint_name(name: str) -> bool:
-    return (
-        name.endswith(CHECKPOINT_SUFFIX)
-        and not name.startswith(".")
-        and "/" not in name
-        and "\\" not in name
-    )
-
-
-def _checkpoint_file_name(run_name: str, global_step: int) -> str:
-    run_part = _sanitise(str(run_name))[:MAX_RUN_NAME_LENGTH] or "run"
-    return f"{run_part}-step{int(global_step)}-{uuid.uuid4().hex[:8]}{CHECKPOINT_SUFFIX}"
+    return bool(_SAFE_NAME.fullmatch(name)) and ".." not in name and len(name) <= MAX_INSTANCE_KEY_LENGTH
 
 
 def _canonical_protocol(protocol: object) -> dict:
@@ -426,296 +473,232 @@ def _protocol_text(protocol: dict) -> str:
     return json.dumps(protocol, sort_keys=True)
 
 
-def _older_version_message(folder: Path) -> str:
-    return (
-        f"{folder} is a registry of an older version whose scores were not evaluated under a "
-        "protocol, so they cannot be ranked with evaluated ones: move that folder away or use "
-        "another --checkpoint-dir"
-    )
+def _serialise(obj: dict) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
 
 
-def _locked_message(lock: FileLock) -> str:
-    return (
-        f"gave up after waiting {lock.timeout:g} s for the lock {lock.lock_file}: another "
-        "process holds it; try again when it is done, or stop it if it hangs"
-    )
-
-
-@contextmanager
-def _locked(lock: FileLock) -> Iterator[None]:
+def _write_atomically(path: Path, data: bytes) -> None:
+    """Write ``data`` to a hidden temporary file beside ``path``, then move it over ``path`` (atomic)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp_path = path.with_name(f".tmp-{path.name}.{uuid.uuid4().hex}")
     try:
-        lock.acquire()
-    except Timeout:
-        raise RegistryError(_locked_message(lock)) from None
-    try:
-        yield
+        with open(temp_path, "xb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temp_path, path)
     finally:
-        lock.release()
+        temp_path.unlink(missing_ok=True)
 
 
-def _ranked(entries: list[dict], lower_is_better: bool) -> list[dict]:
-    sign = 1 if lower_is_better else -1
-    # Equal scores: the older checkpoint ranks first.
-    return sorted(entries, key=lambda e: (sign * e["score"], e["created"], e["file"]))
+def _database_error(shown: str, error: sa.exc.DBAPIError) -> RegistryError:
+    text = str(error.orig).strip() or type(error.orig).__name__
+    first_line = text.splitlines()[0]
+    if "lock" in first_line:
+        return RegistryError(f"the registry {shown} stayed locked by other writers beyond the lock timeout "
+                             f"({first_line}); try again, or stop a process that hangs")
+    return RegistryError(f"cannot use the registry {shown}: {first_line}")
 
 
-def _enters(score: float, ranked: list[dict], top_k: int, lower_is_better: bool) -> bool:
-    if len(ranked) < top_k:
+def _rank_order(lower_is_better: bool) -> tuple:
+    score = entries_table.c.score
+    # Equal scores: the older entry ranks first.
+    return score.asc() if lower_is_better else score.desc(), entries_table.c.created, entries_table.c.id
+
+
+def _beats(score: float, kth_score: float | None, lower_is_better: bool) -> bool:
+    if kth_score is None:  # fewer than k entries
         return True
-    kth_score = ranked[top_k - 1]["score"]
     return score < kth_score if lower_is_better else score > kth_score
 
 
-def _has_types(record: dict, types: dict) -> bool:
-    for key, expected_type in types.items():
-        value = record.get(key)
-        # bool is an int subclass, but True is not a score, a step or a k.
-        is_misused_bool = isinstance(value, bool) and expected_type is not bool
-        if not isinstance(value, expected_type) or is_misused_bool:
-            return False
-    return True
+def _kth_score_query(instance: str, lower_is_better: bool, offset: int | sa.ScalarSelect) -> sa.Select:
+    """The score ranked ``offset + 1``-th (none if there are fewer entries)."""
+    return (sa.select(entries_table.c.score).where(entries_table.c.instance == instance)
+            .order_by(*_rank_order(lower_is_better)).offset(offset).limit(1))
 
 
-def _is_valid_entry(entry: object) -> bool:
-    return (
-        isinstance(entry, dict)
-        and _has_types(entry, _ENTRY_TYPES)
-        and math.isfinite(entry["score"])
-        and math.isfinite(entry["half_width"])
-        and entry["half_width"] >= 0
-        and _is_checkpoint_name(entry["file"])
+def _kth_score(connection: sa.Connection, instance: str, top_k: int, lower_is_better: bool) -> float | None:
+    return connection.execute(_kth_score_query(instance, lower_is_better, top_k - 1)).scalar()
+
+
+def _incompatibility(stored: sa.Row, shown: str, instance: str, protocol: dict, lower_is_better: bool) -> str | None:
+    """Why a writer with this protocol and direction may not write to an instance stored as ``stored``."""
+    where = f"instance {instance} in the registry {shown}"
+    if json.loads(stored.protocol) != protocol:
+        return (f"{where} ranks checkpoints evaluated under protocol {stored.protocol}; this run's protocol is "
+                f"{_protocol_text(protocol)}: use the same evaluation options or another --problem-instance or "
+                "--registry")
+    if stored.lower_is_better != lower_is_better:
+        return (f"{where} ranks checkpoints with lower_is_better={stored.lower_is_better}; this run has "
+                f"lower_is_better={lower_is_better}: use the same --lower-is-better setting or another "
+                "--problem-instance or --registry")
+    return None
+
+
+@contextlib.contextmanager
+def _instance_transaction(
+    engine: sa.Engine, shown: str, instance: str, protocol: dict, lower_is_better: bool, top_k: int,
+    commit: bool = True,
+) -> Iterator[tuple[sa.Connection, int]]:
+    """A transaction holding the instance's write lock, refused if the instance ranks by another protocol or
+    direction; yields the connection and the instance's k."""
+    try:
+        with engine.connect() as connection, connection.begin() as transaction:
+            stored = _lock_instance(connection, instance, protocol, lower_is_better, top_k)
+            problem = _incompatibility(stored, shown, instance, protocol, lower_is_better)
+            if problem is not None:
+                raise RegistryError(problem)
+            yield connection, stored.top_k
+            if not commit:
+                transaction.rollback()
+    except sa.exc.DBAPIError as error:
+        raise _database_error(shown, error) from None
+
+
+def _lock_instance(
+    connection: sa.Connection, instance: str, protocol: dict, lower_is_better: bool, top_k: int
+) -> sa.Row:
+    """Write the instance's row first thing in the transaction (inserted with this protocol if new, its k
+    raised to ``top_k``), which takes the instance's write lock; return the row as stored."""
+    insert = (postgresql.insert if connection.dialect.name == "postgresql" else sqlite.insert)(instances_table)
+    stored_k = instances_table.c.top_k
+    connection.execute(
+        insert.values(instance=instance, protocol=_protocol_text(protocol), lower_is_better=lower_is_better,
+                      top_k=top_k)
+        .on_conflict_do_update(index_elements=[instances_table.c.instance],
+                               set_={"top_k": sa.case((stored_k < top_k, top_k), else_=stored_k)})
     )
+    return connection.execute(sa.select(instances_table).where(instances_table.c.instance == instance)).one()
 
 
-def _is_valid_ranking(record: dict) -> bool:
-    return _has_types(record, _RANKING_TYPES) and record["top_k"] >= 1
+def _trim(connection: sa.Connection, instance: str, top_k: int, lower_is_better: bool) -> None:
+    """Delete the entries ranked below the k-th."""
+    displaced = connection.execute(
+        sa.select(entries_table.c.id).where(entries_table.c.instance == instance)
+        .order_by(*_rank_order(lower_is_better)).offset(top_k)
+    ).scalars().all()
+    if displaced:
+        connection.execute(sa.delete(entries_table).where(entries_table.c.id.in_(displaced)))
 
 
-def _read_index_file(folder: Path, check_files: bool = True) -> tuple[dict | None, str | None]:
-    """(index, None) for a valid index, else (None, what is wrong with it)."""
-    try:
-        index = json.loads((folder / INDEX_NAME).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return None, _INDEX_MISSING
-    except (OSError, ValueError) as exc:
-        return None, f"index.json is unreadable ({exc})"
-    if index == []:
-        return None, _INDEX_MISSING  # an older version's index of an empty folder
-    if isinstance(index, list):
-        return None, _INDEX_OF_OLDER_VERSION
-    if not isinstance(index, dict) or not _is_valid_ranking(index):
-        return None, "index.json lacks the protocol, top_k or lower_is_better"
-    entries = index.get("entries")
-    if not isinstance(entries, list) or not all(_is_valid_entry(entry) for entry in entries):
-        return None, "index.json does not hold a list of complete entries"
-    files = [entry["file"] for entry in entries]
-    if len(set(files)) != len(files):
-        return None, "index.json lists a file twice"
-    if check_files and not all((folder / name).is_file() for name in files):
-        return None, "index.json lists checkpoint files that do not exist"
-    return {key: index[key] for key in (*_RANKING_TYPES, "entries")}, None
-
-
-def _repair(folder: Path) -> dict | None:
-    """Under the lock: the folder's index, rebuilt or completed from the files if needed.
-
-    Writes the repaired index, renames unreadable checkpoints aside and removes stale
-    temporary files; deletes no checkpoint. None if the folder holds no checkpoints.
-    """
-    index_on_disk, index, unreadable = _reconcile(folder)
-    if index is None:
-        (folder / INDEX_NAME).unlink(missing_ok=True)  # corrupt, and nothing to list
-    elif index != index_on_disk:
-        _write_index(folder, index)
-    # Only after the index stops listing them may files be renamed.
-    for name in unreadable:
-        os.replace(folder / name, folder / (name + UNREADABLE_SUFFIX))
-    _remove_stale_temp_files(folder)
-    return index
-
-
-def _reconcile(folder: Path) -> tuple[dict | None, dict | None, list[str]]:
-    """Read the index and reconcile it with the checkpoint files actually in ``folder``.
-
-    Returns the valid index as on disk (None if unusable), the index listing every
-    readable checkpoint (None if there is none), and the names of unreadable files.
-    """
-    on_disk = {path.name for path in folder.iterdir() if _is_checkpoint_name(path.name)}
-    index, problem = _read_index_file(folder)
-    if problem == _INDEX_OF_OLDER_VERSION:
-        raise RegistryError(_older_version_message(folder))
-    if problem is None:
-        # A writer killed between moving a checkpoint in and updating the index leaves orphans.
-        unlisted = on_disk - {entry["file"] for entry in index["entries"]}
-        if unlisted:
-            warnings.warn(
-                f"{folder}: {len(unlisted)} checkpoint file(s) missing from index.json; "
-                "merging them",
-                RuntimeWarning,
-            )
-    else:
-        unlisted = on_disk
-        if on_disk or problem != _INDEX_MISSING:
-            warnings.warn(
-                f"{folder}: {problem}; rebuilding it from the checkpoint files", RuntimeWarning
-            )
-    recovered, rankings, unreadable = _entries_from_files(folder, unlisted)
-    if index is not None:
-        rankings.insert(0, index)
-    if not rankings:
-        return None, None, unreadable
-    _require_one_ranking(folder, rankings)
-    complete = {
-        "protocol": rankings[0]["protocol"],
-        "top_k": max(ranking["top_k"] for ranking in rankings),
-        "lower_is_better": rankings[0]["lower_is_better"],
-        "entries": _ranked((index["entries"] if index else []) + recovered,
-                           rankings[0]["lower_is_better"]),
-    }
-    return index, complete, unreadable
-
-
-def _require_one_ranking(folder: Path, rankings: list[dict]) -> None:
-    """Savers never mix protocols or directions in a folder; refuse to if files do."""
-    distinct = []
-    for ranking in rankings:
-        kind = (ranking["protocol"], ranking["lower_is_better"])
-        if kind not in distinct:
-            distinct.append(kind)
-    if len(distinct) > 1:
-        described = "; ".join(
-            f"protocol {_protocol_text(protocol)} with lower_is_better={lower_is_better}"
-            for protocol, lower_is_better in distinct
-        )
-        raise RegistryError(
-            f"{folder} holds checkpoints ranked under different settings ({described}): "
-            "move the checkpoint files that do not belong to another folder"
-        )
-
-
-def _entries_from_files(
-    folder: Path, names: set[str]
-) -> tuple[list[dict], list[dict], list[str]]:
-    """Entries and rankings read from the metadata of checkpoint files, and unreadable names."""
-    entries, rankings, unreadable = [], [], []
-    for name in sorted(names):
-        try:
-            checkpoint = torch.load(folder / name, map_location="cpu", weights_only=True)
-        except Exception as exc:  # whatever torch raises, the file is unreadable
-            warnings.warn(f"{folder}: skipping unreadable {name} ({exc})", RuntimeWarning)
-            unreadable.append(name)
-            continue
-        if not isinstance(checkpoint, dict):
-            checkpoint = {}
-        if "lower_is_better" in checkpoint and "protocol" not in checkpoint:
-            raise RegistryError(_older_version_message(folder))
-        entry = {key: checkpoint.get(key) for key in _ENTRY_TYPES}
-        entry["file"] = name
-        ranking = {key: checkpoint.get(key) for key in _RANKING_TYPES}
-        if _is_valid_entry(entry) and _is_valid_ranking(ranking):
-            entries.append(entry)
-            rankings.append(ranking)
-        else:
-            warnings.warn(f"{folder}: skipping {name}, it lacks registry metadata", RuntimeWarning)
-            unreadable.append(name)
-    return entries, rankings, unreadable
-
-
-def _remove_stale_temp_files(folder: Path) -> None:
-    now = time.time()
-    for path in folder.iterdir():
-        if not path.name.startswith(TEMP_PREFIX):
-            continue
-        try:
-            if now - path.stat().st_mtime > STALE_TEMP_SECONDS:
-                path.unlink()
-        except FileNotFoundError:
-            pass  # its writer moved or removed it meanwhile
-
-
-def _write_index(folder: Path, index: dict) -> None:
-    text = json.dumps(index, indent=2) + "\n"
-    _write_atomically(folder / INDEX_NAME, lambda file: file.write(text.encode("utf-8")))
-
-
-def _write_atomically(path: Path, write: Callable[[BinaryIO], object]) -> None:
-    temp_path = _write_temp(path, write)
-    try:
-        os.replace(temp_path, path)
-    except BaseException:
-        temp_path.unlink(missing_ok=True)
-        raise
-
-
-def _write_temp(path: Path, write: Callable[[BinaryIO], object]) -> Path:
-    """Write a hidden temporary file beside ``path`` (same filesystem: ``os.replace`` is atomic)."""
-    temp_path = path.with_name(f"{TEMP_PREFIX}{path.name}.{uuid.uuid4().hex}")
-    try:
-        with open(temp_path, "xb") as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-    except BaseException:
-        temp_path.unlink(missing_ok=True)
-        raise
-    return temp_path
-
-
-def _existing_root(root: str | os.PathLike) -> Path:
-    root = Path(root)
-    if not root.is_dir():
-        problem = "is not a folder" if root.exists() else "does not exist"
-        raise FileNotFoundError(
-            f"checkpoint root {str(root)!r} {problem}; pass the folder the trainer saved "
-            f"to (default {DEFAULT_ROOT})"
-        )
-    return root
-
-
-def _instance_folders(root: Path) -> list[Path]:
-    return sorted(
-        path for path in root.iterdir() if path.is_dir() and not path.name.startswith(".")
+def _ranked_entries(connection: sa.Connection, instance: str, lower_is_better: bool) -> list[dict]:
+    rows = connection.execute(
+        sa.select(*(entries_table.c[name] for name in ENTRY_FIELDS),
+                  sa.func.length(entries_table.c.checkpoint).label("bytes"))
+        .where(entries_table.c.instance == instance).order_by(*_rank_order(lower_is_better))
     )
+    return [dict(row._mapping) for row in rows]
 
 
-def _format_instance(folder: Path) -> str:
+def _read_instance(connection: sa.Connection, instance: str) -> dict | None:
+    stored = connection.execute(
+        sa.select(instances_table).where(instances_table.c.instance == instance)
+    ).one_or_none()
+    if stored is None:
+        return None
+    return {"protocol": json.loads(stored.protocol), "top_k": stored.top_k,
+            "lower_is_better": stored.lower_is_better,
+            "entries": _ranked_entries(connection, instance, stored.lower_is_better)}
+
+
+@contextlib.contextmanager
+def _connected(engine: sa.Engine, shown: str) -> Iterator[sa.Connection]:
+    """A connection for reading, whose database errors are ``RegistryError``s."""
     try:
-        index = read_index(folder)
-    except RegistryError as exc:
-        return f"{folder.name}: cannot be listed: {exc}"
-    if index is None or not index["entries"]:
-        return f"{folder.name}: no checkpoints yet"
-    entries = index["entries"]
-    direction = "lower" if index["lower_is_better"] else "higher"
-    title = (
-        f"{folder.name}  ({len(entries)} checkpoint(s), top {index['top_k']} kept, "
-        f"{direction} score is better)\nprotocol: {_protocol_text(index['protocol'])}"
-    )
-    rows = [
-        [
-            str(rank),
-            f"{entry['score']:.6g} ± {entry['half_width']:.3g}",
-            entry["run_name"],
-            str(entry["global_step"]),
-            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(entry["created"])),
-            str((folder / entry["file"]).absolute()),
-        ]
-        for rank, entry in enumerate(entries, start=1)
-    ]
-    header = ["rank", "score ± 95% CI", "run", "step", "created", "path"]
-    return title + "\n" + _format_table(header, rows, right_aligned={0, 1, 3})
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+            yield connection  # reads only: no transaction to begin and roll back
+    except sa.exc.DBAPIError as error:
+        raise _database_error(shown, error) from None
 
 
-def _format_table(header: list[str], rows: list[list[str]], right_aligned: set[int]) -> str:
+@contextlib.contextmanager
+def _reading(location: str | os.PathLike) -> Iterator[sa.Connection]:
+    """A connection to an existing registry, closed with its engine afterwards."""
+    engine = open_database(location, create=False)
+    try:
+        with _connected(engine, without_password(location)) as connection:
+            yield connection
+    finally:
+        engine.dispose()
+
+
+def _instance_names(connection: sa.Connection) -> list[str]:
+    return sorted(connection.execute(sa.select(instances_table.c.instance)).scalars())
+
+
+def _entry(location: str | os.PathLike, instance: str, rank: int) -> tuple[dict, bytes]:
+    with _reading(location) as connection:
+        instance = resolve_instance(_instance_names(connection), instance, location)
+        ranked = _read_instance(connection, instance)["entries"]
+        if not 1 <= rank <= len(ranked):
+            raise RegistryError(f"instance {instance} has {len(ranked)} entries in the registry "
+                                f"{without_password(location)}: give a rank from 1 to {len(ranked)}")
+        entry = {**ranked[rank - 1], "instance": instance}
+        selected = sa.select(entries_table.c.checkpoint).where(entries_table.c.id == entry["id"])
+        return entry, connection.execute(selected).scalar_one()
+
+
+def _format_instance(name: str, stored: dict) -> str:
+    entries = stored["entries"]
+    direction = "lower" if stored["lower_is_better"] else "higher"
+    title = (f"{name}  ({len(entries)} checkpoint(s), top {stored['top_k']} kept, {direction} score is "
+             f"better)\nprotocol: {_protocol_text(stored['protocol'])}")
+    rows = [[str(rank), f"{entry['score']:.6g} ± {entry['half_width']:.3g}", entry["run_name"],
+             str(entry["global_step"]), time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(entry["created"])),
+             entry["host"] or "?", f"{entry['bytes'] / 1024:.0f} KiB"]
+            for rank, entry in enumerate(entries, start=1)]
+    header = ["rank", "score ± 95% CI", "run", "step", "created", "host", "size"]
     widths = [max(len(row[column]) for row in [header, *rows]) for column in range(len(header))]
-    lines = []
-    for row in [header, *rows]:
-        cells = [
-            cell.rjust(width) if column in right_aligned else cell.ljust(width)
-            for column, (cell, width) in enumerate(zip(row, widths))
-        ]
-        lines.append("  ".join(cells).rstrip())
-    return "\n".join(lines)
+    lines = ["  ".join(cell.rjust(width) if column in (0, 1, 3, 6) else cell.ljust(width)
+                       for column, (cell, width) in enumerate(zip(row, widths))).rstrip()
+             for row in [header, *rows]]
+    return title + "\n" + "\n".join(lines)
+
+
+_IMPORTED_FIELDS = {"score": float, "half_width": float, "run_name": str, "global_step": int, "created": float}
+
+
+def _import_folder(engine: sa.Engine, folder: Path, location: str | os.PathLike) -> str:
+    index = json.loads((folder / "index.json").read_text(encoding="utf-8"))
+    if isinstance(index, list):
+        raise RegistryError("an older version's registry, whose scores were not evaluated under a protocol")
+    found, unusable = [], []
+    for path in sorted(folder.glob("*.pt")):
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+            entry = {key: kind(checkpoint[key]) for key, kind in _IMPORTED_FIELDS.items()}
+            kind = (_protocol_text(checkpoint["protocol"]), bool(checkpoint["lower_is_better"]))
+            top_k = int(checkpoint["top_k"])
+        except Exception:  # whatever torch or a missing key raises, the file cannot be imported
+            unusable.append(path.name)
+            continue
+        found.append((entry, kind, top_k, path))
+    kinds = {kind for _, kind, _, _ in found}
+    if len(kinds) > 1:
+        raise RegistryError(f"its files were ranked under different protocols or directions: {sorted(kinds)}")
+    if not found:
+        return f"{folder.name}: nothing to import" + (f" ({len(unusable)} unreadable file(s))" if unusable else "")
+    protocol_text, lower_is_better = kinds.pop()
+    top_k = max([top_k for _, _, top_k, _ in found] + [index.get("top_k", 1) if isinstance(index, dict) else 1])
+    with _instance_transaction(engine, without_password(location), folder.name, json.loads(protocol_text),
+                               lower_is_better, top_k) as (connection, stored_k):
+        existing = {(row.run_name, row.global_step, row.created) for row in connection.execute(
+            sa.select(entries_table.c.run_name, entries_table.c.global_step, entries_table.c.created)
+            .where(entries_table.c.instance == folder.name))}
+        new = [(entry, path) for entry, _, _, path in found
+               if (entry["run_name"], entry["global_step"], entry["created"]) not in existing]
+        for entry, path in new:
+            connection.execute(sa.insert(entries_table), [{**entry, "instance": folder.name, "host": None,
+                                                           "checkpoint": path.read_bytes()}])
+        _trim(connection, folder.name, stored_k, lower_is_better)
+        kept = len(_ranked_entries(connection, folder.name, lower_is_better))
+    parts = [f"{len(new)} imported", f"{len(found) - len(new)} already there", f"{kept} kept (top {stored_k})"]
+    if unusable:
+        parts.append(f"{len(unusable)} unreadable file(s) left out: {', '.join(unusable)}")
+    return f"{folder.name}: " + ", ".join(parts)
 
 
 if __name__ == "__main__":

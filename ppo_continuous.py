@@ -13,6 +13,7 @@ Run `python ppo_continuous.py --help` for the options; README.md explains the te
 import dataclasses
 import functools
 import importlib.util
+import io
 import json
 import math
 import shutil
@@ -29,7 +30,7 @@ import torch
 import torch.nn as nn
 from gymnasium.wrappers.utils import RunningMeanStd
 
-from checkpoint_saver import RegistryError, instance_key, save_atomic
+from checkpoint_saver import RegistryError, entry_bytes, instance_key, save_atomic, without_password
 from ppo_support import (LOG_SQRT_2PI, CandidateSelection, Progress, TrainError, check_env, check_numpy_mirrors,
                          compiled_minibatch_update, default_eval_every, deterministic_numpy_policy, env_action_map,
                          evaluate, evaluation_protocol, format_score, global_state, grouped_cli, load_rms_state,
@@ -160,7 +161,9 @@ class Args:
     problem_instance: Optional[str] = None
     """the problem-instance key for the checkpoint registry (default: env id + env kwargs)"""
     checkpoint_dir: str = "runs/checkpoints"
-    """root of the best-LTA checkpoint registry shared by all runs"""
+    """folder of the default best-LTA registry, the SQLite file registry.db (one machine)"""
+    registry: Optional[str] = None
+    """database URL of the registry instead, e.g. postgresql://user@host/db shared by many machines (default: none)"""
     top_k: int = 5
     """how many best checkpoints the registry keeps per problem instance"""
     lower_is_better: bool = False
@@ -409,7 +412,8 @@ def make_checkpoint(run, evaluation=None):
         "obs_rms": rms_state(run.obs_rms),
         "reward_rms": reward_rms,
         "optimizers": [optimizer.state_dict() for optimizer in run.optimizers],
-        "args": {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(run.given).items()},
+        "args": {key: list(value) if isinstance(value, tuple) else value for key, value in
+                 asdict(dataclasses.replace(run.given, registry=without_password(run.given.registry))).items()},
         "instance": run.instance,
         "score": None if evaluation is None else evaluation["mean"],
         "half_width": None if evaluation is None else evaluation["half_width"],
@@ -434,13 +438,22 @@ def agent_from_checkpoint(checkpoint, path):
     return agent
 
 
-def load_checkpoint(path):
-    """Returns `(agent, normalize_obs)`: the agent in eval mode and its observation normalisation.
+def load_checkpoint(path=None, *, instance=None, rank=1, registry="runs/checkpoints"):
+    """Returns `(agent, normalize_obs)` of the checkpoint file `path`, or of entry `rank` (1: the best) of `instance`
+    (its key or a unique part) in the `registry` (a database URL, or the folder of registry.db): the agent in eval
+    mode and its observation normalisation.
 
     `agent.get_deterministic_action(normalize_obs(raw_obs))` is the policy exactly as it was at training time.
-    Raises TrainError for a file that is not a readable checkpoint.
+    Raises TrainError for a file or entry that is not a readable checkpoint.
     """
-    checkpoint = read_checkpoint(path)
+    if instance is not None:
+        path = f"entry {rank} of {instance} in the registry {without_password(registry)}"
+        try:
+            checkpoint = read_checkpoint(io.BytesIO(entry_bytes(registry, instance, rank)), path)
+        except (OSError, RegistryError) as error:
+            raise TrainError(str(error)) from None
+    else:
+        checkpoint = read_checkpoint(path)
     stats, clip = observation_stats(checkpoint), checkpoint["args"]["clip_obs"]
 
     def normalize_obs(obs):

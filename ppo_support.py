@@ -39,7 +39,7 @@ from threadpoolctl import threadpool_limits
 from torch.optim.adam import adam as functional_adam
 from torch.utils.tensorboard import SummaryWriter
 
-from checkpoint_saver import CheckpointSaver, RegistryError
+from checkpoint_saver import CheckpointSaver, RegistryError, legacy_hint
 
 
 class TrainError(Exception):
@@ -338,13 +338,15 @@ def mean_confidence_interval(values, confidence=0.95):
 CHECKPOINT_KEYS = ("agent", "obs_size", "action_size", "obs_rms", "reward_rms", "optimizers", "args", "counters")
 
 
-def read_checkpoint(path):
+def read_checkpoint(path, name=None):
+    """The checkpoint in `path`: a file, or a binary file object that messages call `name`."""
+    name = path if name is None else name
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as error:
-        raise TrainError(f"cannot read checkpoint '{path}': {str(error).splitlines()[0]}") from None
+        raise TrainError(f"cannot read checkpoint '{name}': {str(error).splitlines()[0]}") from None
     if not isinstance(checkpoint, dict) or not all(key in checkpoint for key in CHECKPOINT_KEYS):
-        raise TrainError(f"'{path}' is not a checkpoint of ppo_continuous.py (it lacks the keys "
+        raise TrainError(f"'{name}' is not a checkpoint of ppo_continuous.py (it lacks the keys "
                          f"{', '.join(CHECKPOINT_KEYS)})")
     return checkpoint
 
@@ -369,20 +371,21 @@ def load_rms_state(rms, state):
 # ---------------------------------------------------------------------------------------------------------------
 
 def open_registry(args, instance, protocol):
-    """The instance's registry, checked up front: a registry ranked by another protocol or the other way round
-    is refused before anything is trained."""
+    """The instance's registry (`--registry`, else the SQLite file in `--checkpoint-dir`), checked up front: one
+    that cannot be reached or written, or that ranks this instance by another protocol or the other way round, is
+    refused before anything is trained."""
     try:
-        saver = CheckpointSaver(args.checkpoint_dir, instance, top_k=args.top_k, lower_is_better=args.lower_is_better,
-                                protocol=protocol)
+        saver = CheckpointSaver(args.registry or args.checkpoint_dir, instance, top_k=args.top_k,
+                                lower_is_better=args.lower_is_better, protocol=protocol)
         saver.check()
-        probe = saver.folder / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
     except RegistryError as error:
         raise TrainError(str(error)) from None
     except OSError as error:
         raise TrainError(f"cannot write checkpoints under --checkpoint-dir '{args.checkpoint_dir}' "
                          f"({error.strerror or error}): give a writable folder") from None
+    hint = "" if args.registry or saver.entries() else legacy_hint(args.checkpoint_dir, instance)
+    if hint:
+        warn(hint)
     return saver
 
 

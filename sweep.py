@@ -8,7 +8,7 @@ A trial is one configuration of `ppo_continuous.Args`. Its objective is the eval
 score of each run's best.pt, from the trainer's evaluation), aggregated over all seeds and instances by the mean or
 the interquartile mean. Trials live in an Optuna study: by default a journal file under runs/sweeps/NAME/ (no
 server; safe for several processes on one machine), or a database URL (--storage postgresql://...) that workers on
-many machines share. Every run also feeds the trainer's checkpoint registry.
+many machines share. Every run also feeds the trainer's checkpoint registry (in that database, for a URL).
 """
 
 from __future__ import annotations
@@ -39,14 +39,14 @@ import yaml
 from optuna.trial import TrialState
 from scipy import stats
 
-from checkpoint_saver import instance_key
+from checkpoint_saver import DEFAULT_ROOT, RegistryError, instance_key, read_instance
 from ppo_continuous import Args, TrainError, train
 
 SWEEPS_DIR = Path("runs") / "sweeps"
 CONFIG_ATTR = "sweep"
 # Options the sweep sets itself for every run: they cannot be searched over.
 RESERVED = {"env_id", "env_kwargs", "seed", "exp_name", "num_threads", "problem_instance", "eval_only", "eval_json",
-            "resume", "lower_is_better", "track", "wandb_project_name", "wandb_entity"}
+            "resume", "lower_is_better", "track", "wandb_project_name", "wandb_entity", "registry"}
 DISTRIBUTIONS = {"uniform", "loguniform", "int", "logint"}
 ARG_TYPES = typing.get_type_hints(Args)
 ARG_NAMES = {field.name for field in fields(Args)}
@@ -340,6 +340,12 @@ def make_pruner(config):
 def storage_location(storage, study_name):
     """What --storage means: a database URL, a journal file path, or (default) runs/sweeps/NAME/optuna.journal."""
     return storage or str(SWEEPS_DIR / study_name / "optuna.journal")
+
+
+def registry_location(registry, storage):
+    """The checkpoint registry every run feeds: --registry, else the study's database (a --storage URL), so that a
+    study on many machines keeps its best policies in one place; else None, the trainer's default SQLite file."""
+    return registry or (storage if storage and "://" in storage else None)
 
 
 def open_storage(location):
@@ -661,7 +667,7 @@ def command_run(options):
                              f"study's total, counting trials already run)")
         n_trials = grid_size(config["space"])
     tracking = {"track": options.track, "wandb_project_name": options.wandb_project_name,
-                "wandb_entity": options.wandb_entity}
+                "wandb_entity": options.wandb_entity, "registry": registry_location(options.registry, options.storage)}
     print(f"study {study_name} in {redact(location)}: up to {n_trials} trials x {len(config['seeds'])} seeds x "
           f"{len(config['instances'])} instances, {min(options.workers, n_trials)} worker(s)", flush=True)
     for message in fail_trials_of_dead_workers(study, storage):
@@ -826,8 +832,10 @@ def trial_rows(study, config):
     return complete, varied, labels, rows
 
 
-def write_report(study, out_dir, top=5, tag="eval/LTA_return", baseline_steps=200_000, exact_optimum=False):
-    """Write table.md, table.csv, curves.csv, references.csv and the PNG plots; return their paths."""
+def write_report(study, out_dir, top=5, tag="eval/LTA_return", baseline_steps=200_000, exact_optimum=False,
+                 registry=None):
+    """Write table.md, table.csv, curves.csv, references.csv and the PNG plots; return their paths. `registry` is
+    the checkpoint registry the runs fed (None: the trainer's default)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -897,7 +905,8 @@ def write_report(study, out_dir, top=5, tag="eval/LTA_return", baseline_steps=20
     else:
         del paths["history_png"]
 
-    paths["table_md"].write_text(markdown_report(study, config, trials, varied, labels, rows, top, missing, paths))
+    paths["table_md"].write_text(markdown_report(study, config, trials, varied, labels, rows, top, missing, paths,
+                                                 registry))
     return paths
 
 
@@ -919,7 +928,7 @@ def interval_method(config, instances):
             f"same way over those differences.")
 
 
-def markdown_report(study, config, trials, varied, labels, rows, top, missing, paths):
+def markdown_report(study, config, trials, varied, labels, rows, top, missing, paths, registry=None):
     counts = Counter(trial.state.name.lower() for trial in trials)
     statistic = {"mean": "mean", "iqm": "interquartile mean"}[config["aggregate"]]
     fixed = {name: payload for name, (kind, payload) in config["space"].items() if kind == "fixed"}
@@ -954,11 +963,31 @@ def markdown_report(study, config, trials, varied, labels, rows, top, missing, p
     lines += ["", "## Files", ""] + [f"- `{path.name}`" for path in paths.values()]
     trained = sorted({run["instance"] for trial in trials for run in trial.user_attrs.get("runs", [])})
     if trained:  # a study whose trials all failed has no checkpoint (and perhaps an instance that does not exist)
-        lines += ["", "The best checkpoints per instance, over this study and every other run:", ""]
-        lines += [f"    python checkpoint_saver.py runs/checkpoints --instance "
-                  f"{instance_key(config['instances'][index][0], json.loads(config['instances'][index][1]))}"
-                  for index in trained]
+        keys = [instance_key(config["instances"][index][0], json.loads(config["instances"][index][1]))
+                for index in trained]
+        option = f" --registry {redact(registry)}" if registry else ""
+        lines += ["", "## Registry entries of this study", "",
+                  "The best checkpoints per instance, over this study and every other run:", ""]
+        lines += [f"    python checkpoint_saver.py{option} --instance {key}" for key in keys]
+        lines += ["", "Those of this study's trials (export one: `python checkpoint_saver.py export INSTANCE --rank N"
+                      f"{option}`):", ""] + registry_table(registry or DEFAULT_ROOT, keys, trials)
     return "\n".join(lines) + "\n"
+
+
+def registry_table(registry, keys, trials):
+    """Markdown rows linking trials to their runs' entries in the registry, by instance and rank."""
+    trial_of = {Path(run["run_dir"]).name: trial.number for trial in trials for run in trial.user_attrs.get("runs", [])}
+    rows = ["| trial | instance | rank | score | step | host |", "|---|---|---|---|---|---|"]
+    for key in keys:
+        try:
+            stored = read_instance(registry, key)
+        except (OSError, RegistryError) as error:
+            return [f"The registry cannot be read here: {error}"]
+        for rank, entry in enumerate(stored["entries"] if stored else [], start=1):
+            if entry["run_name"] in trial_of:
+                rows.append(f"| {trial_of[entry['run_name']]} | {key} | {rank} | {entry['score']:.5g} ± "
+                            f"{entry['half_width']:.2g} | {entry['global_step']} | {entry['host'] or '?'} |")
+    return rows if len(rows) > 2 else ["None of them is among the best checkpoints."]
 
 
 def command_report(options):
@@ -968,7 +997,8 @@ def command_report(options):
         raise SweepError(f"no study storage at {location}: give --storage as for `sweep.py run`")
     study = load_study(open_storage(location), options.study_name, location)
     out_dir = options.out or SWEEPS_DIR / options.study_name / "report"
-    paths = write_report(study, out_dir, options.top, options.curve_tag, options.baseline_steps, options.exact_optimum)
+    paths = write_report(study, out_dir, options.top, options.curve_tag, options.baseline_steps, options.exact_optimum,
+                         registry_location(options.registry, options.storage))
     print(Path(paths["table_md"]).read_text())
     print(f"wrote {', '.join(str(path) for path in paths.values())}")
 
@@ -1019,12 +1049,15 @@ def parser():
                      help="each run's score: the evaluation of its best.pt (default) or final.pt")
     run.add_argument("--lower-is-better", action="store_true", default=None, help="the LTA return is a cost")
     run.add_argument("--workers", type=positive_int, default=1, help="trials in parallel processes on this machine")
+    run.add_argument("--registry", help="checkpoint registry of every run: a database URL or a folder (default: "
+                                        "the --storage database if it is a URL, else runs/checkpoints)")
     run.add_argument("--track", action="store_true", help="log every run to Weights & Biases")
     run.add_argument("--wandb-project-name", default="ppo_continuous")
     run.add_argument("--wandb-entity")
     report = commands.add_parser("report", help="tables and plots of a study")
     report.add_argument("--study-name", required=True)
     report.add_argument("--storage", help="as given to `sweep.py run`")
+    report.add_argument("--registry", help="as given to `sweep.py run`")
     report.add_argument("--out", help="output folder (default: runs/sweeps/NAME/report)")
     report.add_argument("--top", type=positive_int, default=5, help="configurations in the table and plots")
     report.add_argument("--curve-tag", default="eval/LTA_return", help="TensorBoard tag of the learning curves")

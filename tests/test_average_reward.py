@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import ppo_continuous
+from checkpoint_saver import read_instance
 from ppo_continuous import TrainError, resolved_args, train
 from tests.conftest import fast_args, one_line_error, run_dirs, scalars, values
 
@@ -112,8 +113,8 @@ def test_ppo_runs_on_each_queueing_instance(indir, instance, mode):
     assert all(lta < 0 for lta in values(logged, "charts/avg_LTA_return"))  # holding costs: the reward is negative
     assert summary["protocol"]["kind"] == "continuing" and summary["protocol"]["warmup"] == 10
     assert values(logged, "eval/LTA_return")[0] < 0
-    (folder,) = (indir / "runs" / "checkpoints").iterdir()
-    assert folder.name.startswith("queueing_QueueNetwork-v0__") and instance in folder.name
+    assert summary["instance"].startswith("queueing_QueueNetwork-v0__") and instance in summary["instance"]
+    assert read_instance(indir / "runs" / "checkpoints", summary["instance"])["entries"]
 
 
 def test_queueing_training_episodes_end_at_the_env_time_limit(indir):

@@ -1,18 +1,20 @@
-"""Tests of the best-LTA checkpoint registry (checkpoint_saver.py)."""
+"""Tests of the best-LTA checkpoint registry (checkpoint_saver.py) on its default database, a SQLite file.
 
+The same code on PostgreSQL, several processes at once and killed writers: tests/test_registry_db.py.
+"""
+
+import io
 import json
 import math
-import os
 import random
+import socket
 import subprocess
 import sys
-import time
-import warnings
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 import torch
-from filelock import FileLock, Timeout
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
@@ -21,12 +23,15 @@ import checkpoint_saver  # noqa: E402
 from checkpoint_saver import (  # noqa: E402
     CheckpointSaver,
     RegistryError,
+    entry_bytes,
+    export_entry,
+    import_folders,
     instance_key,
     leaderboard,
     main,
-    read_index,
-    resolve_instance,
+    read_instance,
     save_atomic,
+    without_password,
 )
 
 PROTOCOL = {"kind": "continuing", "episodes": 128, "horizon": 40000, "warmup": 2500, "seed": 10000}
@@ -34,9 +39,8 @@ OTHER_PROTOCOL = {"kind": "episodic", "episodes": 10, "horizon": 1000, "warmup":
 
 
 def make_saver(root, instance="inst", top_k=5, lower_is_better=False, protocol=PROTOCOL, **kwargs):
-    return CheckpointSaver(
-        root, instance, top_k=top_k, lower_is_better=lower_is_better, protocol=protocol, **kwargs
-    )
+    return CheckpointSaver(root, instance, top_k=top_k, lower_is_better=lower_is_better, protocol=protocol,
+                           **kwargs)
 
 
 def tiny_checkpoint(value: float) -> dict:
@@ -47,60 +51,42 @@ def submit(saver, score, run_name="run", step=1, half_width=0.5):
     return saver.submit(score, tiny_checkpoint(score), run_name, step, half_width)
 
 
-def checkpoint_files(folder: Path) -> set[str]:
-    return {path.name for path in folder.glob("*.pt")}
+def stored_rows(root, instance="inst"):
+    """Every entry row of the instance as the database holds it, with its checkpoint loaded."""
+    engine = sa.create_engine(f"sqlite:///{Path(root) / 'registry.db'}")
+    with engine.connect() as connection:
+        rows = connection.execute(sa.select(checkpoint_saver.entries_table)
+                                  .where(checkpoint_saver.entries_table.c.instance == instance)).all()
+    engine.dispose()
+    return [{**row._mapping, "checkpoint": torch.load(io.BytesIO(row.checkpoint), weights_only=True)}
+            for row in rows]
 
 
-def temp_files(folder: Path) -> list[str]:
-    return [path.name for path in folder.iterdir() if path.name.startswith(".tmp-")]
-
-
-def read_json_index(folder: Path) -> dict:
-    return json.loads((folder / "index.json").read_text())
-
-
-def lock_is_free(folder: Path) -> bool:
-    probe = FileLock(folder / checkpoint_saver.LOCK_NAME, timeout=0)
-    try:
-        probe.acquire()
-    except Timeout:
-        return False
-    probe.release()
-    return True
-
-
-def assert_folder_consistent(folder: Path, expected_scores: list[float], lower_is_better=False,
-                             protocol=PROTOCOL, top_k=None):
-    """The index is the expected ranking and matches exactly the .pt files in the folder."""
-    index = read_json_index(folder)
-    assert index["protocol"] == protocol
-    assert index["lower_is_better"] is lower_is_better
+def assert_registry_holds(root, expected_scores, instance="inst", lower_is_better=False, protocol=PROTOCOL,
+                          top_k=None):
+    """The instance ranks exactly the expected scores, and the database holds those entries and nothing else,
+    each with its own checkpoint."""
+    stored = read_instance(root, instance)
+    assert stored["protocol"] == protocol and stored["lower_is_better"] is lower_is_better
     if top_k is not None:
-        assert index["top_k"] == top_k
-    assert [entry["score"] for entry in index["entries"]] == expected_scores
-    assert checkpoint_files(folder) == {entry["file"] for entry in index["entries"]}
-    for entry in index["entries"]:
-        stored = torch.load(folder / entry["file"], weights_only=True)
-        for key in ["score", "half_width", "run_name", "global_step", "created"]:
-            assert stored[key] == entry[key]
-        assert stored["lower_is_better"] is lower_is_better
-        assert stored["protocol"] == protocol
-        assert stored["instance"] == folder.name
-        assert torch.equal(stored["policy"]["weight"], torch.full((2, 2), stored["score"]))
+        assert stored["top_k"] == top_k
+    assert [entry["score"] for entry in stored["entries"]] == expected_scores
+    rows = stored_rows(root, instance)
+    assert sorted(row["score"] for row in rows) == sorted(expected_scores)
+    for row in rows:
+        checkpoint = row["checkpoint"]
+        assert torch.equal(checkpoint["policy"]["weight"], torch.full((2, 2), row["score"]))
+        assert checkpoint["score"] == row["score"] and checkpoint["half_width"] == row["half_width"]
+        assert checkpoint["run_name"] == row["run_name"] and checkpoint["global_step"] == row["global_step"]
+        assert checkpoint["protocol"] == protocol and checkpoint["instance"] == instance
+        assert checkpoint["host"] == row["host"] == socket.gethostname()
 
 
-def _fill(tmp_path, scores, top_k=5, instance="inst") -> Path:
-    saver = make_saver(tmp_path, instance, top_k=top_k)
+def _fill(root, scores, top_k=5, instance="inst"):
+    saver = make_saver(root, instance, top_k=top_k)
     for step, score in enumerate(scores):
-        submit(saver, score, f"run{step}", step, half_width=score / 10)
-    return tmp_path / instance
-
-
-def _fill_costs(tmp_path) -> Path:
-    saver = make_saver(tmp_path, "costs", lower_is_better=True, protocol=OTHER_PROTOCOL)
-    for step, cost in enumerate([2.0, 1.0]):
-        submit(saver, cost, "run", step)
-    return tmp_path / "costs"
+        submit(saver, score, "filler", step)
+    return saver
 
 
 # --- ranking -------------------------------------------------------------------------------
@@ -122,25 +108,14 @@ def test_top_k_over_sequential_runs(tmp_path):
 
     best_five = sorted(submitted, reverse=True)[:5]
     assert [entry["score"] for entry in saver.entries()] == best_five
-    assert_folder_consistent(tmp_path / "inst", best_five, top_k=5)
+    assert_registry_holds(tmp_path, best_five, top_k=5)
 
 
 def test_fewer_than_k_submissions_are_all_kept(tmp_path):
     saver = make_saver(tmp_path, top_k=5)
     assert submit(saver, 1.0, step=1)
     assert submit(saver, 3.0, step=2)
-    assert_folder_consistent(tmp_path / "inst", [3.0, 1.0])
-
-
-def test_eviction_deletes_the_displaced_file(tmp_path):
-    saver = make_saver(tmp_path, top_k=2)
-    submit(saver, 1.0, step=1)
-    submit(saver, 2.0, step=2)
-    worst_file = saver.entries()[-1]["file"]
-
-    assert submit(saver, 3.0, step=3)
-    assert not (tmp_path / "inst" / worst_file).exists()
-    assert_folder_consistent(tmp_path / "inst", [3.0, 2.0])
+    assert_registry_holds(tmp_path, [3.0, 1.0])
 
 
 def test_equal_scores_keep_the_older_checkpoint(tmp_path):
@@ -151,7 +126,7 @@ def test_equal_scores_keep_the_older_checkpoint(tmp_path):
     assert not saver.would_enter(5.0)
     assert not submit(saver, 5.0, "third", 3)
     assert [entry["run_name"] for entry in saver.entries()] == ["first", "second"]
-    assert_folder_consistent(tmp_path / "inst", [5.0, 5.0])
+    assert_registry_holds(tmp_path, [5.0, 5.0])
 
 
 @pytest.mark.parametrize("score", [math.nan, math.inf, -math.inf])
@@ -159,8 +134,7 @@ def test_non_finite_scores_are_never_saved(tmp_path, score):
     saver = make_saver(tmp_path, top_k=3)
     assert not saver.would_enter(score)
     assert not submit(saver, score)
-    assert saver.entries() == []
-    assert checkpoint_files(tmp_path / "inst") == set()
+    assert saver.entries() == [] and read_instance(tmp_path, "inst") is None
 
 
 def test_lower_is_better_keeps_the_lowest_costs(tmp_path):
@@ -168,7 +142,7 @@ def test_lower_is_better_keeps_the_lowest_costs(tmp_path):
     for step, cost in enumerate([9.0, 4.0, 7.0, 1.0, 8.0, 2.0]):
         submit(saver, cost, step=step)
     assert not submit(saver, 4.0, step=99)  # ties the 3rd: not better
-    assert_folder_consistent(tmp_path / "costs", [1.0, 2.0, 4.0], lower_is_better=True)
+    assert_registry_holds(tmp_path, [1.0, 2.0, 4.0], "costs", lower_is_better=True)
 
 
 def test_half_width_is_validated_and_stored(tmp_path):
@@ -179,7 +153,7 @@ def test_half_width_is_validated_and_stored(tmp_path):
     assert not submit(saver, math.nan, half_width=math.nan)  # a failed evaluation: not saved
     assert submit(saver, 1.0, half_width=0.25)
     assert saver.entries()[0]["half_width"] == 0.25
-    assert_folder_consistent(tmp_path / "inst", [1.0])
+    assert_registry_holds(tmp_path, [1.0])
 
 
 def test_invalid_configuration_is_rejected(tmp_path):
@@ -188,7 +162,7 @@ def test_invalid_configuration_is_rejected(tmp_path):
     for unsafe in ["../escape", "a/b", "", ".hidden", "with space"]:
         with pytest.raises(ValueError, match="instance_key"):
             make_saver(tmp_path, unsafe)
-    for timeout in [0, -1, math.nan, checkpoint_saver.MAX_LOCK_TIMEOUT + 1]:
+    for timeout in [0, -1, math.nan, math.inf]:
         with pytest.raises(ValueError, match="lock_timeout"):
             make_saver(tmp_path, lock_timeout=timeout)
     with pytest.raises(TypeError, match="protocol"):
@@ -197,18 +171,10 @@ def test_invalid_configuration_is_rejected(tmp_path):
         make_saver(tmp_path, protocol={"horizon": math.nan})
     with pytest.raises(TypeError, match="protocol"):
         CheckpointSaver(tmp_path, "inst")  # a protocol is required
-
-
-def test_run_names_are_sanitised_into_unique_file_names(tmp_path):
-    saver = make_saver(tmp_path, top_k=5)
-    submit(saver, 1.0, "../evil run/name", 7)
-    submit(saver, 2.0, "../evil run/name", 7)
-    files = [entry["file"] for entry in saver.entries()]
-    assert len(set(files)) == 2
-    for name in files:
-        assert "/" not in name and " " not in name and ".." not in name
-        assert "step7" in name and name.endswith(".pt")
-    assert_folder_consistent(tmp_path / "inst", [2.0, 1.0])
+    for location, message in [("mysql://user@host/db", "postgresql:// or sqlite:///"),
+                              ("sqlite://", "SQLite file"), ("sqlite:///:memory:", "SQLite file")]:
+        with pytest.raises(RegistryError, match=message):
+            make_saver(location)
 
 
 # --- protocol -------------------------------------------------------------------------------
@@ -224,20 +190,22 @@ def test_another_protocol_is_refused_up_front_naming_both(tmp_path):
     assert "\n" not in message
     assert json.dumps(PROTOCOL, sort_keys=True) in message
     assert json.dumps(OTHER_PROTOCOL, sort_keys=True) in message
-    assert str(tmp_path / "inst") in message and "--checkpoint-dir" in message
+    assert str(tmp_path) in message and "--registry" in message
 
-    # Also refused at submission (two first runs racing on an empty folder): never mixed.
+    # Also refused at submission (two first runs racing on an empty instance): never mixed.
+    assert other.would_enter(0.5)  # left to submit, which says why
     with pytest.raises(RegistryError, match="protocol"):
         other.submit(0.5, tiny_checkpoint(0.5), "other", 1, 0.1)
-    assert_folder_consistent(tmp_path / "inst", [1.0])
-    assert temp_files(tmp_path / "inst") == []
+    assert_registry_holds(tmp_path, [1.0])
 
 
 def test_protocols_compare_by_value_after_a_json_round_trip(tmp_path):
-    submit(make_saver(tmp_path, protocol={"horizon": 1000, "seeds": [1, 2]}), 1.0)
+    protocol = {"horizon": 1000, "seeds": [1, 2]}
+    submit(make_saver(tmp_path, protocol=protocol), 1.0)
     same = make_saver(tmp_path, protocol={"seeds": (1, 2), "horizon": 1000.0})
     same.check()
     assert submit(same, 2.0)
+    assert_registry_holds(tmp_path, [2.0, 1.0], protocol=protocol)
 
 
 def test_other_ranking_direction_is_refused(tmp_path):
@@ -246,321 +214,91 @@ def test_other_ranking_direction_is_refused(tmp_path):
         make_saver(tmp_path, lower_is_better=True).check()
 
 
-def test_an_empty_folder_accepts_any_protocol(tmp_path):
+def test_an_empty_instance_accepts_any_protocol_and_check_writes_nothing(tmp_path):
     make_saver(tmp_path).check()
+    assert read_instance(tmp_path, "inst") is None  # the check's transaction was rolled back
     other = make_saver(tmp_path, protocol=OTHER_PROTOCOL)
     other.check()
     assert submit(other, 1.0)
-    assert_folder_consistent(tmp_path / "inst", [1.0], protocol=OTHER_PROTOCOL)
-
-
-def _old_registry(tmp_path) -> Path:
-    """A folder as written by the version without evaluation protocols."""
-    folder = tmp_path / "inst"
-    folder.mkdir()
-    entry = {"score": 3.0, "file": "old-step1-0123abcd.pt", "run_name": "old", "global_step": 1,
-             "created": 1.0, "lower_is_better": False}
-    torch.save({**tiny_checkpoint(3.0), **{k: v for k, v in entry.items() if k != "file"},
-                "instance": "inst"}, folder / entry["file"])
-    (folder / "index.json").write_text(json.dumps([entry]))
-    return folder
-
-
-def test_an_older_list_format_registry_is_refused_and_kept(tmp_path, capsys):
-    folder = _old_registry(tmp_path)
-    saver = make_saver(tmp_path)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # refused as such, not taken for a corrupt index
-        with pytest.raises(RegistryError) as refused:
-            saver.check()
-    message = str(refused.value)
-    assert "\n" not in message and "older version" in message
-    assert "move that folder away" in message and "--checkpoint-dir" in message
-    with pytest.raises(RegistryError, match="older version"):
-        submit(saver, 10.0)
-    with pytest.raises(RegistryError, match="older version"):
-        read_index(folder)
-    assert "cannot be listed" in leaderboard(tmp_path) and "older version" in leaderboard(tmp_path)
-    assert checkpoint_files(folder) == {"old-step1-0123abcd.pt"}
-
-    # Without its index, its files alone are recognised as the older version's.
-    (folder / "index.json").unlink()
-    with pytest.warns(RuntimeWarning, match="rebuilding"):
-        with pytest.raises(RegistryError, match="older version"):
-            saver.check()
-    assert checkpoint_files(folder) == {"old-step1-0123abcd.pt"}
-
-
-def test_an_older_empty_index_is_upgraded_silently(tmp_path, recwarn):
-    folder = tmp_path / "inst"
-    folder.mkdir()
-    (folder / "index.json").write_text("[]")
-    saver = make_saver(tmp_path)
-    saver.check()
-    assert saver.entries() == []
-    assert submit(saver, 1.0)
-    assert_folder_consistent(folder, [1.0])
-    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+    assert_registry_holds(tmp_path, [1.0], protocol=OTHER_PROTOCOL)
 
 
 # --- top-k semantics -------------------------------------------------------------------------
 
 
 def test_a_smaller_top_k_deletes_nothing_of_other_runs(tmp_path):
-    folder = _fill(tmp_path, [10.0, 20.0, 30.0, 40.0, 50.0], top_k=5)
-    files_of_a = {entry["score"]: entry["file"] for entry in read_json_index(folder)["entries"]}
-
+    _fill(tmp_path, [10.0, 20.0, 30.0, 40.0, 50.0], top_k=5)
     small = make_saver(tmp_path, top_k=2)
     small.check()
-    assert len(small.entries()) == 5
-    assert read_index(folder)["top_k"] == 5
-    assert checkpoint_files(folder) == set(files_of_a.values())
+    assert len(small.entries()) == 5 and read_instance(tmp_path, "inst")["top_k"] == 5
 
     # A better score displaces only the 5th of the stored k=5, not everything beyond 2.
     assert submit(small, 60.0, "small-k")
-    assert_folder_consistent(folder, [60.0, 50.0, 40.0, 30.0, 20.0], top_k=5)
-    assert not (folder / files_of_a[10.0]).exists()
+    assert_registry_holds(tmp_path, [60.0, 50.0, 40.0, 30.0, 20.0], top_k=5)
     # A score for the 3rd place enters too: the stored k, not this run's, decides.
     assert small.would_enter(35.0)
     assert submit(small, 35.0, "small-k")
-    assert_folder_consistent(folder, [60.0, 50.0, 40.0, 35.0, 30.0], top_k=5)
-    assert {files_of_a[s] for s in (30.0, 40.0, 50.0)} <= checkpoint_files(folder)
+    assert_registry_holds(tmp_path, [60.0, 50.0, 40.0, 35.0, 30.0], top_k=5)
 
 
 def test_a_larger_top_k_raises_the_stored_k(tmp_path):
-    folder = _fill(tmp_path, [1.0, 2.0, 3.0], top_k=3)
+    _fill(tmp_path, [1.0, 2.0, 3.0], top_k=3)
     large = make_saver(tmp_path, top_k=5)
     assert large.would_enter(0.5)  # below the 3rd, but within this run's 5
-    assert submit(large, 0.5, "yy-large")  # its file sorts after those of k=3
-    assert_folder_consistent(folder, [3.0, 2.0, 1.0, 0.5], top_k=5)
-    # From now on the folder keeps 5, whoever submits.
+    assert submit(large, 0.5, "large")
+    assert_registry_holds(tmp_path, [3.0, 2.0, 1.0, 0.5], top_k=5)
+    # From now on the instance keeps 5, whoever submits.
     small = make_saver(tmp_path, top_k=3)
-    assert submit(small, 0.75, "zz-small")
-    assert_folder_consistent(folder, [3.0, 2.0, 1.0, 0.75, 0.5], top_k=5)
-    # Files remember the raised k, so a lost index does not bring back the smaller one.
-    (folder / "index.json").unlink()
-    with pytest.warns(RuntimeWarning, match="rebuilding"):
-        assert read_index(folder)["top_k"] == 5
+    assert small.would_enter(0.75)
+    assert submit(small, 0.75, "small")
+    assert_registry_holds(tmp_path, [3.0, 2.0, 1.0, 0.75, 0.5], top_k=5)
 
 
 # --- cost of a submission and the lock --------------------------------------------------------
 
 
-def test_a_rejected_submission_builds_nothing_and_takes_no_lock(tmp_path, monkeypatch):
+def test_a_rejected_submission_builds_nothing_and_costs_one_read(tmp_path, monkeypatch):
     saver = make_saver(tmp_path, top_k=1)
     submit(saver, 10.0)
+    statements = []
+    sa.event.listen(saver.engine, "before_cursor_execute",
+                    lambda connection, cursor, statement, *args: statements.append(statement))
 
     def forbidden(*args, **kwargs):
         raise AssertionError("a rejected submission must not get this far")
 
-    monkeypatch.setattr(saver._lock, "acquire", forbidden)
     monkeypatch.setattr(checkpoint_saver.torch, "save", forbidden)
     assert not saver.would_enter(3.0)
     assert not saver.submit(3.0, forbidden, "run", 2, 0.1)
+    assert len(statements) == 2 and all(statement.startswith("SELECT") for statement in statements)
 
 
-def test_the_checkpoint_is_built_and_written_outside_the_lock(tmp_path, monkeypatch):
+def test_the_checkpoint_is_built_outside_the_transaction(tmp_path):
     saver = make_saver(tmp_path, top_k=2)
-    folder = tmp_path / "inst"
-    observed = []
-    real_save, real_write_index = checkpoint_saver.torch.save, checkpoint_saver._write_index
+    submit(saver, 1.0)
+    other = make_saver(tmp_path, lock_timeout=0.1)
 
     def factory():
-        observed.append(("factory", lock_is_free(folder)))
+        other.check()  # takes the write lock at once: the submitting saver holds none while building
         return tiny_checkpoint(4.0)
 
-    def save(obj, file):
-        observed.append(("save", lock_is_free(folder)))
-        real_save(obj, file)
-
-    def write_index(*args):
-        observed.append(("index", lock_is_free(folder)))  # proves the probe sees the lock
-        real_write_index(*args)
-
-    monkeypatch.setattr(checkpoint_saver.torch, "save", save)
-    monkeypatch.setattr(checkpoint_saver, "_write_index", write_index)
-    assert saver.submit(4.0, factory, "run", 1, 0.2)
-    assert observed == [("factory", True), ("save", True), ("index", False)]
-    assert_folder_consistent(folder, [4.0])
-
-
-def test_a_submission_that_no_longer_enters_under_the_lock_leaves_nothing(tmp_path, monkeypatch):
-    saver = make_saver(tmp_path, top_k=1)
-    rival = make_saver(tmp_path, top_k=1)
-    submit(saver, 1.0)
-    real_acquire = saver._lock.acquire
-
-    def acquire_after_a_better_rival(*args, **kwargs):
-        submit(rival, 9.0, "rival")  # lands between the pre-check and the lock
-        return real_acquire(*args, **kwargs)
-
-    monkeypatch.setattr(saver._lock, "acquire", acquire_after_a_better_rival)
-    assert not submit(saver, 5.0)
-    assert_folder_consistent(tmp_path / "inst", [9.0])
-    assert temp_files(tmp_path / "inst") == []
-
-
-def test_a_live_writers_temp_file_survives_other_writers(tmp_path, monkeypatch):
-    saver = make_saver(tmp_path, top_k=5)
-    rival = make_saver(tmp_path, top_k=5)
-    folder = tmp_path / "inst"
-    real_acquire = saver._lock.acquire
-    seen_while_waiting = []
-
-    def acquire_after_a_rival(*args, **kwargs):
-        seen_while_waiting.append(temp_files(folder))
-        submit(rival, 2.0, "rival")  # repairs and cleans the folder under the lock
-        return real_acquire(*args, **kwargs)
-
-    monkeypatch.setattr(saver._lock, "acquire", acquire_after_a_rival)
-    assert submit(saver, 1.0)
-    assert len(seen_while_waiting[0]) == 1  # our checkpoint, written before the lock
-    assert_folder_consistent(folder, [2.0, 1.0])
-
-
-def test_only_old_temp_files_are_removed(tmp_path):
-    folder = _fill(tmp_path, [1.0])
-    fresh, stale = folder / ".tmp-live.pt.0123", folder / ".tmp-crashed.pt.4567"
-    fresh.write_bytes(b"being written")
-    stale.write_bytes(b"partial")
-    long_ago = time.time() - checkpoint_saver.STALE_TEMP_SECONDS - 60
-    os.utime(stale, (long_ago, long_ago))
-
-    make_saver(tmp_path).check()
-    assert fresh.exists() and not stale.exists()
+    assert saver.submit(4.0, factory, "run", 2, 0.5)
+    assert_registry_holds(tmp_path, [4.0, 1.0])
 
 
 def test_a_lock_wait_times_out_with_a_clear_message(tmp_path):
-    saver = make_saver(tmp_path, lock_timeout=0.1)
-    submit(saver, 1.0)
-    holder = FileLock(tmp_path / "inst" / checkpoint_saver.LOCK_NAME)
-    with holder:
-        for attempt in [saver.check, saver.entries, lambda: submit(saver, 2.0)]:
-            with pytest.raises(RegistryError) as timed_out:
-                attempt()
-            message = str(timed_out.value)
-            assert "\n" not in message
-            assert str(tmp_path / "inst" / "index.json.lock") in message
-            assert "another process holds it" in message and "0.1 s" in message
-    assert temp_files(tmp_path / "inst") == []
-    assert_folder_consistent(tmp_path / "inst", [1.0])
-
-
-# --- repair -----------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "corrupt",
-    [
-        lambda index: "{not json",
-        lambda index: json.dumps({**index, "protocol": None}),
-        lambda index: json.dumps({k: v for k, v in index.items() if k != "top_k"}),
-        lambda index: json.dumps({**index, "entries": {"0": index["entries"][0]}}),
-        lambda index: json.dumps(
-            {**index, "entries": [{k: v for k, v in e.items() if k != "half_width"}
-                                  for e in index["entries"]]}),
-        lambda index: json.dumps(
-            {**index, "entries": [{**e, "half_width": -1.0} for e in index["entries"]]}),
-        lambda index: json.dumps(
-            {**index, "entries": index["entries"] + [{**index["entries"][0], "file": "gone.pt"}]}),
-    ],
-    ids=["garbage", "no-protocol", "no-top-k", "entries-not-a-list", "no-half-width",
-         "negative-half-width", "missing-file"],
-)
-def test_corrupt_index_is_rebuilt_from_the_files(tmp_path, corrupt):
-    folder = _fill(tmp_path, [3.0, 1.0, 2.0])
-    index_path = folder / "index.json"
-    original = read_json_index(folder)
-    index_path.write_text(corrupt(original))
-
-    with pytest.warns(RuntimeWarning, match="rebuilding") as caught:
-        entries = make_saver(tmp_path).entries()
-    assert str(folder) in str(caught[0].message)
-    assert [entry["score"] for entry in entries] == [3.0, 2.0, 1.0]
-    assert read_json_index(folder) == original
-    assert_folder_consistent(folder, [3.0, 2.0, 1.0])
-
-
-def test_a_lost_index_is_rebuilt_with_half_width_protocol_and_k(tmp_path):
-    folder = _fill(tmp_path, [1.0, 4.0, 2.0, 3.0], top_k=4)
-    original = read_json_index(folder)
-    assert [entry["half_width"] for entry in original["entries"]] == [0.4, 0.3, 0.2, 0.1]
-    (folder / "index.json").unlink()
-
-    saver = make_saver(tmp_path, top_k=2)
-    with pytest.warns(RuntimeWarning, match="index.json is missing"):
-        saver.check()
-    assert read_json_index(folder) == original  # k=4 from the files, not this saver's 2
-
-
-def test_a_lost_index_over_files_of_different_protocols_is_refused(tmp_path):
-    folder = _fill(tmp_path, [1.0, 2.0])
-    intruder = make_saver(tmp_path / "elsewhere", "inst", protocol=OTHER_PROTOCOL)
-    submit(intruder, 5.0)
-    for path in (tmp_path / "elsewhere" / "inst").glob("*.pt"):
-        os.replace(path, folder / path.name)
-    (folder / "index.json").unlink()
-
-    with pytest.warns(RuntimeWarning), pytest.raises(RegistryError) as refused:
-        read_index(folder)
+    submit(make_saver(tmp_path), 1.0)
+    holder = sa.create_engine(f"sqlite:///{tmp_path / 'registry.db'}")
+    with holder.connect() as connection:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")  # another writer, in the middle of its transaction
+        impatient = make_saver(tmp_path, lock_timeout=0.2)
+        with pytest.raises(RegistryError) as refused:
+            submit(impatient, 2.0)
+        connection.rollback()
+    holder.dispose()
     message = str(refused.value)
-    assert "\n" not in message and "move the checkpoint files that do not belong" in message
-    assert json.dumps(PROTOCOL, sort_keys=True) in message
-    assert json.dumps(OTHER_PROTOCOL, sort_keys=True) in message
-    assert len(checkpoint_files(folder)) == 3
-
-
-def test_rebuild_sets_unreadable_files_aside(tmp_path):
-    folder = _fill(tmp_path, [1.0, 2.0])
-    (folder / "index.json").write_text("{")
-    (folder / "truncated.pt").write_bytes(b"\x80\x02garbage")
-    torch.save({"weights": torch.zeros(1)}, folder / "foreign.pt")  # no registry metadata
-
-    with pytest.warns(RuntimeWarning) as caught:
-        entries = make_saver(tmp_path).entries()
-    messages = " ".join(str(warning.message) for warning in caught)
-    assert "truncated.pt" in messages and "foreign.pt" in messages
-    assert [entry["score"] for entry in entries] == [2.0, 1.0]
-    assert_folder_consistent(folder, [2.0, 1.0])
-    assert (folder / "truncated.pt.unreadable").exists()
-    assert (folder / "foreign.pt.unreadable").exists()
-
-
-def test_orphans_are_merged_and_trimmed_only_by_the_next_submission(tmp_path):
-    folder = _fill(tmp_path, [1.0, 2.0], top_k=2)
-    template = torch.load(folder / read_json_index(folder)["entries"][0]["file"], weights_only=True)
-    # Writers killed after moving a checkpoint in but before updating the index.
-    for score in (5.0, 0.5):
-        save_atomic({**template, **tiny_checkpoint(score), "score": score,
-                     "run_name": f"orphan{score}"}, folder / f"orphan{score}.pt")
-
-    with pytest.warns(RuntimeWarning, match="missing from index.json"):
-        entries = make_saver(tmp_path, top_k=2).entries()
-    assert [entry["run_name"] for entry in entries] == ["orphan5.0", "run1", "run0", "orphan0.5"]
-    assert_folder_consistent(folder, [5.0, 2.0, 1.0, 0.5], top_k=2)  # reading deleted nothing
-
-    assert submit(make_saver(tmp_path, top_k=2), 3.0)
-    assert_folder_consistent(folder, [5.0, 3.0], top_k=2)
-
-
-def test_read_index_rebuilds_without_deleting(tmp_path):
-    folder = _fill(tmp_path, [1.0, 3.0, 2.0], top_k=2)
-    assert [entry["score"] for entry in read_index(folder)["entries"]] == [3.0, 2.0]
-    (folder / "index.json").unlink()
-    (folder / "extra.pt").write_bytes(b"garbage")
-    with pytest.warns(RuntimeWarning, match=str(folder.name)):
-        index = read_index(folder)
-    assert index["protocol"] == PROTOCOL and index["top_k"] == 2
-    assert [entry["score"] for entry in index["entries"]] == [3.0, 2.0]
-
-    costs = _fill_costs(tmp_path)
-    (costs / "index.json").write_text("garbage")
-    with pytest.warns(RuntimeWarning):
-        assert [entry["score"] for entry in read_index(costs)["entries"]] == [1.0, 2.0]
-    assert read_index(costs)["lower_is_better"] is True
-
-    (tmp_path / "empty").mkdir()
-    assert read_index(tmp_path / "empty") is None
+    assert "\n" not in message and "locked" in message and "try again" in message
+    assert submit(impatient, 2.0)
 
 
 def test_save_atomic_round_trips_and_leaves_no_temp_files(tmp_path):
@@ -572,63 +310,17 @@ def test_save_atomic_round_trips_and_leaves_no_temp_files(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["best.pt"]
 
 
-def test_concurrent_processes_end_with_the_true_top_k(tmp_path):
-    worker = r"""
-import json, os, random, sys, time
-sys.path.insert(0, sys.argv[1])
-import torch
-from checkpoint_saver import CheckpointSaver
-root, seed, start_signal = sys.argv[2], int(sys.argv[3]), sys.argv[4]
-saver = CheckpointSaver(root, "race", top_k=5, protocol={"kind": "race"})
-saver.check()
-print("ready", flush=True)
-while not os.path.exists(start_signal):  # start together to maximise contention
-    time.sleep(0.002)
-rng = random.Random(seed)
-scores = [rng.uniform(0, 100) for _ in range(10)]
-for step, score in enumerate(scores):
-    factory = lambda score=score: {"policy": {"weight": torch.full((2, 2), score)}}
-    saver.submit(score, factory, f"proc{seed}", step, score / 100)
-print(json.dumps(scores), flush=True)
-"""
-    start_signal = tmp_path / "go"
-    processes = [
-        subprocess.Popen(
-            [sys.executable, "-c", worker, str(REPO_ROOT), str(tmp_path), str(seed),
-             str(start_signal)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for seed in range(4)
-    ]
-    try:
-        for process in processes:
-            assert process.stdout.readline().strip() == "ready"
-        start_signal.touch()
-        outputs = [process.communicate(timeout=60) for process in processes]
-    finally:
-        for process in processes:
-            process.kill()
-
-    submitted = []
-    for process, (stdout, stderr) in zip(processes, outputs):
-        assert process.returncode == 0, stderr
-        assert "Warning" not in stderr  # no index was ever found corrupt or incomplete
-        submitted += json.loads(stdout)
-    assert len(submitted) == 40
-    best_five = sorted(submitted, reverse=True)[:5]
-    folder = tmp_path / "race"
-    index = read_json_index(folder)
-    assert [entry["score"] for entry in index["entries"]] == best_five
-    assert checkpoint_files(folder) == {entry["file"] for entry in index["entries"]}
-    assert temp_files(folder) == []
-    for entry in index["entries"]:
-        stored = torch.load(folder / entry["file"], weights_only=True)
-        assert stored["score"] == entry["score"]
-        assert stored["half_width"] == entry["half_width"] == entry["score"] / 100
-        assert stored["run_name"] == entry["run_name"]
-        assert torch.equal(stored["policy"]["weight"], torch.full((2, 2), entry["score"]))
+def test_unreachable_and_passworded_urls_are_one_line_without_the_password():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # nothing listens there once the probe is closed
+    url = f"postgresql://user:secret@127.0.0.1:{port}/db"
+    with pytest.raises(RegistryError) as refused:
+        make_saver(url)
+    message = str(refused.value)
+    assert "\n" not in message and "secret" not in message and f"user@127.0.0.1:{port}/db" in message
+    assert without_password(url) == f"postgresql://user@127.0.0.1:{port}/db"
+    assert without_password("runs/checkpoints") == "runs/checkpoints" and without_password(None) is None
 
 
 # --- instance keys -----------------------------------------------------------------------------
@@ -636,7 +328,7 @@ print(json.dumps(scores), flush=True)
 SAFE_KEY_CHARACTERS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._=,+-")
 
 
-def assert_safe_folder_name(key: str):
+def assert_safe_name(key: str):
     assert key and set(key) <= SAFE_KEY_CHARACTERS
     assert ".." not in key and not key.startswith(".")
     assert len(key) <= checkpoint_saver.MAX_INSTANCE_KEY_LENGTH
@@ -648,8 +340,8 @@ def test_instance_key_is_readable_and_safe():
     assert key.startswith("queueing_QueueNetwork-v0__instance=criss-cross")
     for unsafe in ["a/b", "a\\b", "x:y z", "../../etc", "tab\there", "\x00", "", "." * 5,
                    "é" * 300, "long-" * 100]:
-        assert_safe_folder_name(instance_key(unsafe))
-        assert_safe_folder_name(instance_key("Env-v0", {"path": unsafe}))
+        assert_safe_name(instance_key(unsafe))
+        assert_safe_name(instance_key("Env-v0", {"path": unsafe}))
 
 
 def test_instance_key_distinguishes_inputs_and_ignores_kwarg_order():
@@ -672,98 +364,168 @@ def test_instance_key_distinguishes_inputs_and_ignores_kwarg_order():
 def test_instance_key_problem_instance_overrides_env():
     assert instance_key("Env-v0", {"a": 1}, problem_instance="criss-cross") == "criss-cross"
     assert instance_key("Other-v0", problem_instance="criss-cross") == "criss-cross"
-    assert_safe_folder_name(instance_key("Env-v0", problem_instance="my/instance"))
+    assert_safe_name(instance_key("Env-v0", problem_instance="my/instance"))
 
 
-# --- leaderboard ---------------------------------------------------------------------------------
+# --- leaderboard and export ----------------------------------------------------------------------
 
 
-def test_leaderboard_shows_scores_with_ci_protocol_and_full_paths(tmp_path):
+def test_leaderboard_shows_scores_with_ci_protocol_and_host(tmp_path):
     saver = make_saver(tmp_path, "b-instance", top_k=3)
     submit(saver, 12.5, "alpha-run", 1000, half_width=0.75)
     submit(saver, -3.25, "beta-run", 2000, half_width=1.5)
-    _fill_costs(tmp_path)
+    costs = make_saver(tmp_path, "costs", lower_is_better=True, protocol=OTHER_PROTOCOL)
+    submit(costs, 2.0, "cost-run", 1)
 
     text = leaderboard(tmp_path)
     assert text.index("b-instance") < text.index("costs")
-    for expected in ["12.5 ± 0.75", "-3.25 ± 1.5", "alpha-run", "beta-run", "1000", "2000",
+    for expected in ["12.5 ± 0.75", "-3.25 ± 1.5", "alpha-run", "beta-run", "1000", "2000", socket.gethostname(),
                      "higher score is better", "lower score is better", "top 3 kept",
                      "protocol: " + json.dumps(PROTOCOL, sort_keys=True),
                      "protocol: " + json.dumps(OTHER_PROTOCOL, sort_keys=True)]:
         assert expected in text
     assert text.count(json.dumps(PROTOCOL, sort_keys=True)) == 1  # once, in the title
     assert text.index("12.5") < text.index("-3.25")
-    for entry in saver.entries():
-        full_path = str((tmp_path / "b-instance" / entry["file"]).absolute())
-        assert os.path.isabs(full_path) and full_path in text
 
     only_costs = leaderboard(tmp_path, "costs")
-    assert "costs" in only_costs and "alpha-run" not in only_costs
+    assert "cost-run" in only_costs and "alpha-run" not in only_costs
 
 
 def test_instance_is_found_by_key_or_unique_part(tmp_path):
     for name in ["queueing__instance=criss-cross", "queueing__instance=criss-cross-2", "Hopper-v4"]:
         submit(make_saver(tmp_path, name), 1.0, f"run-of-{name}")
-    assert resolve_instance(tmp_path, "Hopper") == "Hopper-v4"
-    assert resolve_instance(tmp_path, "cross-2") == "queueing__instance=criss-cross-2"
-    # An exact key wins even though it is also part of another key.
-    assert resolve_instance(tmp_path, "queueing__instance=criss-cross") == (
-        "queueing__instance=criss-cross")
-    with pytest.raises(RegistryError) as ambiguous:
-        resolve_instance(tmp_path, "criss-cross")
-    assert "queueing__instance=criss-cross, queueing__instance=criss-cross-2" in str(
-        ambiguous.value)
     assert "run-of-Hopper-v4" in leaderboard(tmp_path, "opper")
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        resolve_instance(tmp_path / "nowhere", "Hopper")
+    assert "run-of-queueing__instance=criss-cross-2" in leaderboard(tmp_path, "cross-2")
+    # An exact key wins even though it is also part of another key.
+    exact = leaderboard(tmp_path, "queueing__instance=criss-cross")
+    assert "run-of-queueing__instance=criss-cross " in exact and "criss-cross-2" not in exact
+    with pytest.raises(RegistryError) as ambiguous:
+        leaderboard(tmp_path, "criss-cross")
+    assert "queueing__instance=criss-cross, queueing__instance=criss-cross-2" in str(ambiguous.value)
 
 
-def test_cli_prints_the_leaderboard_and_fails_cleanly_on_a_missing_root(tmp_path):
+def test_cli_prints_the_leaderboard_and_fails_cleanly_on_a_missing_registry(tmp_path, capsys):
     submit(make_saver(tmp_path / "ckpt"), 7.75, "cli-run", 42, half_width=0.125)
-    shown = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "checkpoint_saver.py"), str(tmp_path / "ckpt")],
-        capture_output=True, text=True, timeout=60,
-    )
+    shown = subprocess.run([sys.executable, str(REPO_ROOT / "checkpoint_saver.py"), "--registry",
+                            str(tmp_path / "ckpt")], capture_output=True, text=True, timeout=60)
     assert shown.returncode == 0, shown.stderr
     assert "7.75 ± 0.125" in shown.stdout and "cli-run" in shown.stdout and "42" in shown.stdout
 
-    missing = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "checkpoint_saver.py"), str(tmp_path / "nowhere")],
-        capture_output=True, text=True, timeout=60,
-    )
-    assert missing.returncode == 2
-    assert "Traceback" not in missing.stderr
-    assert len(missing.stderr.strip().splitlines()) == 1
-    assert "nowhere" in missing.stderr and "does not exist" in missing.stderr
+    assert main(["--registry", str(tmp_path / "nowhere")]) == 2
+    error = capsys.readouterr().err
+    assert len(error.strip().splitlines()) == 1 and "no registry at" in error and "nowhere" in error
+    assert not (tmp_path / "nowhere").exists()  # reading never creates a registry
 
 
 def test_cli_instance_errors_are_one_line(tmp_path, capsys):
     for name in ["known-a", "known-b"]:
         submit(make_saver(tmp_path, name), 1.0)
-    assert main([str(tmp_path), "--instance", "unknown"]) == 2
+    assert main(["--registry", str(tmp_path), "--instance", "unknown"]) == 2
     error = capsys.readouterr().err
     assert len(error.strip().splitlines()) == 1
     assert "unknown" in error and "known instances: known-a, known-b" in error
 
-    assert main([str(tmp_path), "--instance", "known"]) == 2
+    assert main(["--registry", str(tmp_path), "--instance", "known"]) == 2
     error = capsys.readouterr().err
-    assert len(error.strip().splitlines()) == 1
-    assert "ambiguous" in error and "known-a, known-b" in error
+    assert len(error.strip().splitlines()) == 1 and "ambiguous" in error and "known-a, known-b" in error
 
-    assert main([str(tmp_path), "--instance", "n-b"]) == 0
+    assert main(["--registry", str(tmp_path), "--instance", "n-b"]) == 0
     output = capsys.readouterr().out
     assert "known-b" in output and "known-a" not in output
 
-    empty = tmp_path / "empty-root"
-    empty.mkdir()
-    assert main([str(empty)]) == 0
-    assert "no checkpoints yet" in capsys.readouterr().out.lower()
+
+def test_export_writes_the_stored_checkpoint(tmp_path, capsys, monkeypatch):
+    saver = _fill(tmp_path, [1.0, 3.0, 2.0])
+    monkeypatch.chdir(tmp_path)
+    assert main(["export", "ins", "--rank", "2", "--registry", str(tmp_path)]) == 0
+    assert "wrote inst-rank2.pt: inst rank 2, score 2" in capsys.readouterr().out
+    exported = torch.load(tmp_path / "inst-rank2.pt", weights_only=True)
+    assert exported["score"] == 2.0 and torch.equal(exported["policy"]["weight"], torch.full((2, 2), 2.0))
+    assert exported["run_name"] == "filler" and exported["protocol"] == PROTOCOL
+    assert (tmp_path / "inst-rank2.pt").read_bytes() == entry_bytes(tmp_path, "inst", 2)
+
+    entry, path = export_entry(tmp_path, "inst", 1, tmp_path / "deep" / "best.pt")
+    assert entry["score"] == 3.0 and entry["id"] == saver.entries()[0]["id"]
+    assert torch.load(path, weights_only=True)["score"] == 3.0
+
+    assert main(["export", "inst", "--rank", "4", "--registry", str(tmp_path)]) == 2
+    error = capsys.readouterr().err
+    assert len(error.strip().splitlines()) == 1 and "give a rank from 1 to 3" in error
 
 
-def test_entries_are_the_index_best_first(tmp_path):
-    folder = _fill(tmp_path, [2.0, 5.0, 1.0])
-    entries = make_saver(tmp_path).entries()
-    assert entries == read_json_index(folder)["entries"]
-    required = {"score", "half_width", "file", "run_name", "global_step", "created"}
-    assert all(required <= entry.keys() for entry in entries)
-    assert os.path.isfile(folder / entries[0]["file"])
+# --- import of folder registries ------------------------------------------------------------------
+
+
+def write_folder_registry(root, instance, scores, top_k, protocol=PROTOCOL, lower_is_better=False, orphans=()):
+    """A folder registry as the version before the database wrote it: index.json (best first) and one file per
+    entry holding the checkpoint and its metadata; ``orphans`` are files a killed writer left out of the index."""
+    folder = root / instance
+    folder.mkdir(parents=True)
+    entries = []
+    for step, score in enumerate([*scores, *orphans]):
+        entry = {"score": score, "half_width": 0.5, "file": f"run-step{step}-{step:08x}.pt", "run_name": "old-run",
+                 "global_step": step, "created": 1_700_000_000.0 + step}
+        torch.save({**tiny_checkpoint(score), **{key: value for key, value in entry.items() if key != "file"},
+                    "instance": instance, "protocol": protocol, "lower_is_better": lower_is_better, "top_k": top_k},
+                   folder / entry["file"])
+        if step < len(scores):
+            entries.append(entry)
+    entries.sort(key=lambda entry: entry["score"], reverse=not lower_is_better)
+    index = {"protocol": protocol, "top_k": top_k, "lower_is_better": lower_is_better, "entries": entries}
+    (folder / "index.json").write_text(json.dumps(index, indent=2))
+    return folder
+
+
+def folder_contents(root):
+    return {path.relative_to(root): path.read_bytes() for path in root.rglob("*") if path.is_file()}
+
+
+def test_import_takes_every_entry_and_orphan_once_and_changes_no_file(tmp_path, capsys):
+    old = tmp_path / "old"
+    write_folder_registry(old, "inst", [5.0, 4.0, 3.0], top_k=4, orphans=[4.5])
+    write_folder_registry(old, "costs", [1.0], top_k=2, protocol=OTHER_PROTOCOL, lower_is_better=True)
+    (old / "older").mkdir()  # the version before protocols: refused, the others still imported
+    (old / "older" / "index.json").write_text(json.dumps([{"score": 1.0, "file": "x.pt"}]))
+    before = folder_contents(old)
+    database = tmp_path / "db"
+
+    assert main(["import", str(old), "--registry", str(database)]) == 2
+    output = capsys.readouterr().out
+    assert "inst: 4 imported, 0 already there, 4 kept (top 4)" in output
+    assert "costs: 1 imported" in output and "older: not imported" in output and "untouched" in output
+    assert folder_contents(old) == before
+    stored = read_instance(database, "inst")
+    assert [entry["score"] for entry in stored["entries"]] == [5.0, 4.5, 4.0, 3.0]
+    assert stored["top_k"] == 4 and stored["protocol"] == PROTOCOL
+    assert all(entry["host"] is None for entry in stored["entries"])  # folders did not record it
+    for rank, entry in enumerate(stored["entries"], start=1):
+        file = next(old.glob(f"inst/run-step{entry['global_step']}-*.pt"))
+        assert entry_bytes(database, "inst", rank) == file.read_bytes()
+    assert read_instance(database, "costs")["lower_is_better"] is True
+
+    lines, complete = import_folders(old, database)  # a second import changes nothing
+    assert "inst: 0 imported, 4 already there, 4 kept (top 4)" in lines and not complete
+    assert [entry["score"] for entry in read_instance(database, "inst")["entries"]] == [5.0, 4.5, 4.0, 3.0]
+
+    # Imported entries rank with new ones, under the imported protocol and k.
+    saver = make_saver(database, top_k=2)
+    assert not saver.would_enter(3.0) and saver.would_enter(3.5)
+    assert submit(saver, 6.0, "new")
+    assert [entry["score"] for entry in saver.entries()] == [6.0, 5.0, 4.5, 4.0]
+
+
+def test_import_into_a_registry_ranked_otherwise_refuses_that_instance(tmp_path):
+    old = tmp_path / "old"
+    write_folder_registry(old, "inst", [5.0], top_k=3, protocol=OTHER_PROTOCOL)
+    submit(make_saver(tmp_path / "db"), 1.0)
+    lines, complete = import_folders(old, tmp_path / "db")
+    assert not complete and lines[0].startswith("inst: not imported") and "protocol" in lines[0]
+    assert_registry_holds(tmp_path / "db", [1.0])
+
+
+def test_a_missing_registry_points_to_the_import_of_folders(tmp_path, capsys):
+    write_folder_registry(tmp_path, "inst", [5.0], top_k=3)
+    assert main(["--registry", str(tmp_path)]) == 2
+    error = capsys.readouterr().err
+    assert len(error.strip().splitlines()) == 1
+    assert f"import them with python checkpoint_saver.py import {tmp_path}" in error

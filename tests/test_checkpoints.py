@@ -1,6 +1,6 @@
 """Checkpoints through the trainer: the cross-run registry of evaluated scores, load_checkpoint, early stop."""
 
-import json
+import io
 import os
 import subprocess
 import sys
@@ -11,13 +11,13 @@ import torch
 
 import ppo_continuous
 import ppo_support
+from checkpoint_saver import entry_bytes, read_instance
 from ppo_continuous import TrainError, load_checkpoint, train
 from tests.conftest import REPO, fast_args, one_line_error, run_dirs, scalars, values
 
 
 def registry(workdir, instance="Pendulum-v1"):
-    folder = workdir / "runs" / "checkpoints" / instance
-    return folder, json.loads((folder / "index.json").read_text())
+    return read_instance(workdir / "runs" / "checkpoints", instance)
 
 
 def test_registry_keeps_the_top_k_evaluated_scores_over_runs(indir):
@@ -26,20 +26,19 @@ def test_registry_keeps_the_top_k_evaluated_scores_over_runs(indir):
         summary = train(fast_args(reset_steps=32, seed=seed, top_k=3))
         every_score += values(scalars(summary["run_dir"]), "eval/LTA_return")
         protocols.append(summary["protocol"])
-    folder, index = registry(indir)
+    index = registry(indir)
     assert index["protocol"] == protocols[0] == protocols[1] and index["top_k"] == 3
     assert [entry["score"] for entry in index["entries"]] == pytest.approx(sorted(every_score, reverse=True)[:3],
                                                                            abs=1e-6)
-    assert sorted(path.name for path in folder.glob("*.pt")) == sorted(entry["file"] for entry in index["entries"])
-    for entry in index["entries"]:
-        checkpoint = torch.load(folder / entry["file"], weights_only=True)
+    for rank, entry in enumerate(index["entries"], start=1):
+        checkpoint = torch.load(io.BytesIO(entry_bytes("runs/checkpoints", "Pendulum-v1", rank)), weights_only=True)
         assert checkpoint["score"] == entry["score"] and checkpoint["half_width"] == entry["half_width"] >= 0
         assert checkpoint["instance"] == "Pendulum-v1" and checkpoint["global_step"] == entry["global_step"]
         assert checkpoint["protocol"] == index["protocol"]
         assert set(ppo_support.CHECKPOINT_KEYS) <= set(checkpoint)
     # The leaderboard lists them.
-    board = subprocess.run([sys.executable, str(REPO / "checkpoint_saver.py"), "runs/checkpoints"], cwd=indir,
-                           capture_output=True, text=True)
+    board = subprocess.run([sys.executable, str(REPO / "checkpoint_saver.py")], cwd=indir, capture_output=True,
+                           text=True)
     assert board.returncode == 0 and "Pendulum-v1" in board.stdout
     assert all(entry["run_name"] in board.stdout for entry in index["entries"])
 
@@ -47,7 +46,7 @@ def test_registry_keeps_the_top_k_evaluated_scores_over_runs(indir):
 def test_lower_is_better_keeps_the_lowest(indir):
     summary = train(fast_args(reset_steps=32, top_k=2, lower_is_better=True))
     scores = values(scalars(summary["run_dir"]), "eval/LTA_return")
-    _, index = registry(indir)
+    index = registry(indir)
     assert index["lower_is_better"] is True
     assert [entry["score"] for entry in index["entries"]] == pytest.approx(sorted(scores)[:2], abs=1e-6)
     assert torch.load(summary["run_dir"] / "best.pt", weights_only=True)["score"] == pytest.approx(min(scores),
@@ -55,13 +54,15 @@ def test_lower_is_better_keeps_the_lowest(indir):
     assert summary["best"]["mean"] == pytest.approx(min(scores), abs=1e-6)
 
 
-def test_problem_instance_and_env_kwargs_name_the_registry_folder_and_the_run(indir):
+def test_problem_instance_and_env_kwargs_name_the_registry_instance_and_the_run(indir):
+    instances = []
     for options in (dict(problem_instance="my-instance"), dict(env_kwargs='{"g": 9.0}')):
         summary = train(fast_args(total_timesteps=256, **options))
         assert summary["run_dir"].name.startswith(summary["instance"] + "__ppo_continuous__1__")
-    folders = sorted(path.name for path in (indir / "runs" / "checkpoints").iterdir())
-    assert "my-instance" in folders
-    assert any(name.startswith("Pendulum-v1__") and "g=9.0" in name for name in folders), folders
+        assert registry(indir, summary["instance"])["entries"]
+        instances.append(summary["instance"])
+    assert instances[0] == "my-instance"
+    assert instances[1].startswith("Pendulum-v1__") and "g=9.0" in instances[1], instances
 
 
 def test_load_checkpoint_reproduces_the_training_time_policy_exactly(indir):
@@ -77,6 +78,22 @@ def test_load_checkpoint_reproduces_the_training_time_policy_exactly(indir):
         assert torch.equal(loaded.get_deterministic_action(normalize_obs(raw)), want_action)
         assert torch.equal(loaded.get_value(normalize_obs(raw)), want_value)
     assert not loaded.training
+
+
+def test_load_checkpoint_of_a_registry_entry_by_instance_and_rank(indir):
+    summary = train(fast_args(reset_steps=32, top_k=2))
+    raw = np.random.default_rng(2).normal(scale=3.0, size=(20, 3)).astype(np.float32)
+    # One run: the registry's best entry is the agent of its best.pt.
+    from_registry, normalize_registry = load_checkpoint(instance="Pendul", rank=1)
+    from_file, normalize_file = load_checkpoint(summary["run_dir"] / "best.pt")
+    with torch.no_grad():
+        assert torch.equal(from_registry.get_deterministic_action(normalize_registry(raw)),
+                           from_file.get_deterministic_action(normalize_file(raw)))
+    assert registry(indir)["entries"][0]["score"] == summary["best"]["mean"]
+    for options, message in [(dict(rank=3), "give a rank from 1 to 2"), (dict(instance="Hopper"), "no instance"),
+                             (dict(registry="elsewhere"), "no registry at elsewhere/registry.db")]:
+        with pytest.raises(TrainError, match=message):
+            load_checkpoint(**{"instance": "Pendulum-v1", **options})
 
 
 def test_load_checkpoint_of_a_squashed_policy_acts_as_evaluation_scored_it(indir):
@@ -148,9 +165,9 @@ def test_early_stop_waits_for_the_first_update(indir):
 
 def test_a_registry_ranked_the_other_way_is_refused_up_front(indir, capsys):
     train(fast_args(total_timesteps=256))
-    before = registry(indir)[1]
+    before = registry(indir)
     assert ppo_continuous.main(["--env-id", "Pendulum-v1", "--num-envs", "2", "--num-steps", "128",
                                 "--num-minibatches", "4", "--eval-episodes", "2", "--eval-horizon", "50",
                                 "--total-timesteps", "256", "--lower-is-better"]) == 2
     assert "lower_is_better" in one_line_error(capsys.readouterr().err)
-    assert registry(indir)[1] == before and len(run_dirs(indir)) == 1
+    assert registry(indir) == before and len(run_dirs(indir)) == 1

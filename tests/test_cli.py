@@ -1,7 +1,6 @@
 """The trainer end to end: through its real command line where the command line is the point, else in-process."""
 
 import dataclasses
-import json
 import os
 import re
 import subprocess
@@ -11,6 +10,7 @@ import pytest
 import torch
 
 import ppo_continuous
+from checkpoint_saver import read_instance
 from ppo_continuous import Args, load_checkpoint, train
 from tests.conftest import (FAST, FAST_EVAL, REPO, SCRIPT, fast_args, one_line_error, run_cli, run_dirs, scalars,
                             values)
@@ -114,7 +114,7 @@ def test_pendulum_run_logs_every_metric_evaluates_and_saves_the_agent(workdir):
     assert f"final.pt: LTA return {final['score']:.6g} +- " in result.stdout
 
     # The registry holds evaluated scores only: the best of all evaluations, with their half-widths.
-    index = json.loads((workdir / "runs" / "checkpoints" / "Pendulum-v1" / "index.json").read_text())
+    index = read_instance(workdir / "runs" / "checkpoints", "Pendulum-v1")
     assert index["protocol"] == protocol and index["top_k"] == 5 and index["lower_is_better"] is False
     assert [entry["score"] for entry in index["entries"]] == pytest.approx(sorted(scores, reverse=True)[:5],
                                                                            abs=1e-6)

@@ -8,6 +8,7 @@ import torch
 
 import ppo_continuous
 import ppo_support
+from checkpoint_saver import read_instance
 from ppo_continuous import Agent, Args, cli_args, evaluate_checkpoint, train
 from ppo_support import check_env, deterministic_numpy_policy, evaluate, evaluation_protocol
 from queueing.baselines import POLICIES
@@ -95,20 +96,19 @@ def test_the_protocol_ignores_reset_steps_so_runs_share_one_registry(indir):
                  for reset_steps in (16, 32)]
     assert summaries[0]["protocol"] == summaries[1]["protocol"]
     assert summaries[0]["protocol"]["horizon"] == 200  # Pendulum's own limit
-    index = json.loads((indir / "runs" / "checkpoints" / "Pendulum-v1" / "index.json").read_text())
+    index = read_instance(indir / "runs" / "checkpoints", "Pendulum-v1")
     assert {entry["run_name"] for entry in index["entries"]} == {summary["run_dir"].name for summary in summaries}
 
 
 def test_a_registry_refuses_a_run_under_another_protocol(indir, capsys):
     train(fast_args(total_timesteps=256))
-    folder = indir / "runs" / "checkpoints" / "Pendulum-v1"
-    before = (folder / "index.json").read_text()
+    before = read_instance(indir / "runs" / "checkpoints", "Pendulum-v1")
     assert ppo_continuous.main(["--env-id", "Pendulum-v1", "--num-envs", "2", "--num-steps", "128",
                                 "--num-minibatches", "4", "--total-timesteps", "256", "--eval-horizon", "50",
                                 "--eval-episodes", "3"]) == 2
     message = one_line_error(capsys.readouterr().err)
     assert '"episodes": 2' in message and '"episodes": 3' in message  # names both protocols
-    assert (folder / "index.json").read_text() == before and len(run_dirs(indir)) == 1
+    assert read_instance(indir / "runs" / "checkpoints", "Pendulum-v1") == before and len(run_dirs(indir)) == 1
 
 
 def test_eval_only_prints_the_score_with_its_interval_and_writes_json(indir):

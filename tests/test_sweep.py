@@ -119,7 +119,11 @@ def test_sweep_on_embedded_storage_with_two_workers_then_report(workdir, monkeyp
     assert (f"| 1 | {best_row['trial']} | {float(best_row['learning_rate'])} | {float(best_row['score']):.5g} "
             f"[{float(best_row['ci_low']):.5g}, {float(best_row['ci_high']):.5g}] | best | 2 |") in markdown
     assert "2 trials: 2 complete." in markdown and "Intervals are 95% CIs: Student-t intervals over seeds." in markdown
-    assert "python checkpoint_saver.py runs/checkpoints --instance Pendulum-v1" in markdown
+    assert "python checkpoint_saver.py --instance Pendulum-v1" in markdown
+    # Each trial is linked to its runs' registry entries, by instance and rank.
+    trial_of = {Path(run["run_dir"]).name: trial.number for trial in trials for run in trial.user_attrs["runs"]}
+    for rank, entry in enumerate(registry_entries, start=1):
+        assert f"| {trial_of[entry['run_name']]} | Pendulum-v1 | {rank} | {entry['score']:.5g} ± " in markdown
 
     curves = read_csv(report / "curves.csv")
     for number, runs_curves in curves_of.items():
@@ -298,6 +302,11 @@ def test_two_workers_join_one_study_on_postgresql(workdir, monkeypatch):
             scores = [torch.load(Path(run["run_dir"]) / "best.pt", weights_only=True)["score"]
                       for run in trial.user_attrs["runs"]]
             assert trial.value == pytest.approx(np.mean(scores), abs=1e-12)
+        # Their runs fed the checkpoint registry in the study's database, not each machine's own folder.
+        run_names = {Path(run["run_dir"]).name for trial in trials for run in trial.user_attrs["runs"]}
+        entries = read_instance(url, "Pendulum-v1")["entries"]
+        assert entries and {entry["run_name"] for entry in entries} <= run_names
+        assert not (workdir / "runs" / "checkpoints").exists()
         # A third worker that names only the study joins it with the stored settings; its budget is spent.
         result = run_cli("run", "--study-name", "shared", "--storage", url, "--n-trials", "2", cwd=workdir,
                          script=SWEEP)
