@@ -93,9 +93,7 @@ class RegistryError(ValueError):
     """The registry cannot be used as asked; the message is one line saying what to do."""
 
 
-def instance_key(
-    env_id: str, env_kwargs: dict | None = None, problem_instance: str | None = None
-) -> str:
+def instance_key(env_id: str, env_kwargs: dict | None = None, problem_instance: str | None = None) -> str:
     """Readable, file-name-safe name of a problem instance.
 
     ``problem_instance`` wins if given; otherwise the env id plus its keyword arguments
@@ -142,12 +140,12 @@ def without_password(location: str | None) -> str | None:
     return None if location is None else re.sub(r"(://[^:/@]+):[^@]*@", r"\1@", str(location))
 
 
-def open_database(
-    location: str | os.PathLike, lock_timeout: float = DEFAULT_LOCK_TIMEOUT, create: bool = True
-) -> sa.Engine:
+def open_database(location: str | os.PathLike, lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
+                  create: bool = True) -> sa.Engine:
     """An engine on the registry at ``location``, its tables made if missing.
 
-    Without ``create``, a SQLite file that does not exist raises ``FileNotFoundError`` instead of being made.
+    Without ``create`` (to read), a registry that does not exist raises ``FileNotFoundError`` instead of being
+    made.
     Raises ``RegistryError`` for a URL that is not SQLite or PostgreSQL or a database that cannot be reached.
     """
     if not (0 < lock_timeout < math.inf):
@@ -178,7 +176,11 @@ def open_database(
     engine = sa.create_engine(url, connect_args=connect_args, pool_pre_ping=True)
     for attempt in range(3):
         try:
-            _schema.create_all(engine)
+            if create:
+                _schema.create_all(engine)
+            elif not sa.inspect(engine).has_table(instances_table.name):
+                engine.dispose()
+                raise FileNotFoundError(f"no registry in {shown}: give the --registry the runs saved to")
             return engine
         except sa.exc.DBAPIError as error:
             # Processes starting together on an empty PostgreSQL database race to create the tables: the
@@ -196,16 +198,8 @@ class CheckpointSaver:
     ``lower_is_better``) are ranked together. ``top_k`` raises the instance's stored k but never lowers it.
     """
 
-    def __init__(
-        self,
-        location: str | os.PathLike,
-        instance: str,
-        top_k: int = 5,
-        lower_is_better: bool = False,
-        *,
-        protocol: dict,
-        lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
-    ) -> None:
+    def __init__(self, location: str | os.PathLike, instance: str, top_k: int = 5, lower_is_better: bool = False,
+                 *, protocol: dict, lock_timeout: float = DEFAULT_LOCK_TIMEOUT) -> None:
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
         if not _is_safe_name(instance):
@@ -244,21 +238,15 @@ class CheckpointSaver:
         score = float(score)
         if not math.isfinite(score):
             return False
-        with self._connection() as connection:
+        with _connected(self.engine, self.location) as connection:
             stored = connection.execute(self._precheck).one_or_none()
         if stored is None or _incompatibility(stored, self.location, self.instance, self.protocol,
                                               self.lower_is_better):
             return True  # an empty instance takes any score; submit raises the clear error
         return _beats(score, stored.kth_score, self.lower_is_better)
 
-    def submit(
-        self,
-        score: float,
-        checkpoint: dict | Callable[[], dict],
-        run_name: str,
-        global_step: int,
-        half_width: float,
-    ) -> bool:
+    def submit(self, score: float, checkpoint: dict | Callable[[], dict], run_name: str, global_step: int,
+               half_width: float) -> bool:
         """Store the checkpoint if ``score`` enters the top-k; return whether it did.
 
         ``checkpoint`` is a dict or a zero-argument callable returning one, called only if the cheap
@@ -295,15 +283,12 @@ class CheckpointSaver:
 
     def entries(self) -> list[dict]:
         """The instance's entries, best first (without their checkpoints)."""
-        with self._connection() as connection:
+        with _connected(self.engine, self.location) as connection:
             return _ranked_entries(connection, self.instance, self.lower_is_better)
 
     def _writing(self, commit: bool = True) -> contextlib.AbstractContextManager:
         return _instance_transaction(self.engine, self.location, self.instance, self.protocol,
                                      self.lower_is_better, self.top_k, commit)
-
-    def _connection(self) -> contextlib.AbstractContextManager:
-        return _connected(self.engine, self.location)
 
 
 def read_instance(location: str | os.PathLike, instance: str) -> dict | None:
@@ -327,17 +312,6 @@ def export_entry(location: str | os.PathLike, instance: str, rank: int = 1,
     path = Path(path or f"{entry['instance']}-rank{rank}.pt")
     _write_atomically(path, data)
     return entry, path
-
-
-def entries_of_runs(location: str | os.PathLike, run_names: list[str]) -> list[dict]:
-    """The entries, with their ``instance`` and ``rank``, of the runs named ``run_names``."""
-    found = []
-    with _reading(location) as connection:
-        for instance in _instance_names(connection):
-            ranked = _read_instance(connection, instance)["entries"]
-            found += [{**entry, "instance": instance, "rank": rank}
-                      for rank, entry in enumerate(ranked, start=1) if entry["run_name"] in run_names]
-    return found
 
 
 def legacy_hint(location: str | os.PathLike, instance: str = "*") -> str:
@@ -524,7 +498,8 @@ def _kth_score(connection: sa.Connection, instance: str, top_k: int, lower_is_be
     return connection.execute(_kth_score_query(instance, lower_is_better, top_k - 1)).scalar()
 
 
-def _incompatibility(stored: sa.Row, shown: str, instance: str, protocol: dict, lower_is_better: bool) -> str | None:
+def _incompatibility(stored: sa.Row, shown: str, instance: str, protocol: dict,
+                     lower_is_better: bool) -> str | None:
     """Why a writer with this protocol and direction may not write to an instance stored as ``stored``."""
     where = f"instance {instance} in the registry {shown}"
     if json.loads(stored.protocol) != protocol:
@@ -539,10 +514,8 @@ def _incompatibility(stored: sa.Row, shown: str, instance: str, protocol: dict, 
 
 
 @contextlib.contextmanager
-def _instance_transaction(
-    engine: sa.Engine, shown: str, instance: str, protocol: dict, lower_is_better: bool, top_k: int,
-    commit: bool = True,
-) -> Iterator[tuple[sa.Connection, int]]:
+def _instance_transaction(engine: sa.Engine, shown: str, instance: str, protocol: dict, lower_is_better: bool,
+                          top_k: int, commit: bool = True) -> Iterator[tuple[sa.Connection, int]]:
     """A transaction holding the instance's write lock, refused if the instance ranks by another protocol or
     direction; yields the connection and the instance's k."""
     try:
@@ -558,9 +531,8 @@ def _instance_transaction(
         raise _database_error(shown, error) from None
 
 
-def _lock_instance(
-    connection: sa.Connection, instance: str, protocol: dict, lower_is_better: bool, top_k: int
-) -> sa.Row:
+def _lock_instance(connection: sa.Connection, instance: str, protocol: dict, lower_is_better: bool,
+                   top_k: int) -> sa.Row:
     """Write the instance's row first thing in the transaction (inserted with this protocol if new, its k
     raised to ``top_k``), which takes the instance's write lock; return the row as stored."""
     insert = (postgresql.insert if connection.dialect.name == "postgresql" else sqlite.insert)(instances_table)
@@ -662,7 +634,10 @@ _IMPORTED_FIELDS = {"score": float, "half_width": float, "run_name": str, "globa
 
 
 def _import_folder(engine: sa.Engine, folder: Path, location: str | os.PathLike) -> str:
-    index = json.loads((folder / "index.json").read_text(encoding="utf-8"))
+    try:
+        index = json.loads((folder / "index.json").read_text(encoding="utf-8"))
+    except ValueError:
+        index = {}  # the files alone are enough, as the folder registry's own repair knew
     if isinstance(index, list):
         raise RegistryError("an older version's registry, whose scores were not evaluated under a protocol")
     found, unusable = [], []
@@ -682,7 +657,8 @@ def _import_folder(engine: sa.Engine, folder: Path, location: str | os.PathLike)
     if not found:
         return f"{folder.name}: nothing to import" + (f" ({len(unusable)} unreadable file(s))" if unusable else "")
     protocol_text, lower_is_better = kinds.pop()
-    top_k = max([top_k for _, _, top_k, _ in found] + [index.get("top_k", 1) if isinstance(index, dict) else 1])
+    index_k = index.get("top_k") if isinstance(index, dict) and isinstance(index.get("top_k"), int) else 1
+    top_k = max([top_k for _, _, top_k, _ in found] + [index_k])
     with _instance_transaction(engine, without_password(location), folder.name, json.loads(protocol_text),
                                lower_is_better, top_k) as (connection, stored_k):
         existing = {(row.run_name, row.global_step, row.created) for row in connection.execute(

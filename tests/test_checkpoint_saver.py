@@ -8,6 +8,7 @@ import json
 import math
 import random
 import socket
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -415,6 +416,12 @@ def test_cli_prints_the_leaderboard_and_fails_cleanly_on_a_missing_registry(tmp_
     error = capsys.readouterr().err
     assert len(error.strip().splitlines()) == 1 and "no registry at" in error and "nowhere" in error
     assert not (tmp_path / "nowhere").exists()  # reading never creates a registry
+    other_database = tmp_path / "other" / "registry.db"
+    other_database.parent.mkdir()
+    sqlite3.connect(other_database).execute("CREATE TABLE unrelated (x)").connection.close()
+    assert main(["--registry", f"sqlite:///{other_database}"]) == 2
+    assert "no registry in sqlite:///" in capsys.readouterr().err
+    assert sa.inspect(sa.create_engine(f"sqlite:///{other_database}")).get_table_names() == ["unrelated"]
 
 
 def test_cli_instance_errors_are_one_line(tmp_path, capsys):
