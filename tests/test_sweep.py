@@ -250,7 +250,7 @@ def test_a_killed_worker_trial_is_failed_and_run_again_on_resume(workdir):
     """SIGKILL (as the out-of-memory killer sends) mid-trial leaves a RUNNING trial in the journal; running the
     command again marks it failed, runs its configuration again and completes the budget."""
     command = [sys.executable, str(SWEEP), "run", "--study-name", "killed", "--instance", "Pendulum-v1",
-               "--param", "learning_rate=[0.001, 0.003]", "--pruner", "none", *TINY, "--param=total_timesteps=8192"]
+               "--param", "learning_rate=[0.001, 0.003]", "--pruner", "none", *TINY, "--param=total_timesteps=4096"]
     worker = subprocess.Popen(command, cwd=workdir, env={**os.environ, "PYTHONPATH": str(REPO)},
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     journal = workdir / "runs" / "sweeps" / "killed" / "optuna.journal"
