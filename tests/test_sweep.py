@@ -5,7 +5,6 @@ differences, failed and killed trials, pruning, labelled output, and --track off
 import csv
 import math
 import os
-import json
 import re
 import signal
 import socket
