@@ -49,6 +49,7 @@ import socket
 import sys
 import time
 import uuid
+import weakref
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -210,6 +211,7 @@ class CheckpointSaver:
         self.protocol = _canonical_protocol(protocol)
         self.location = without_password(location)
         self.engine = open_database(location, lock_timeout)
+        weakref.finalize(self, self.engine.dispose)  # a sweep worker makes a saver per run: no connection piles up
         # The instance's protocol and direction, and the score to beat under the larger of its k and ours.
         stored_k = instances_table.c.top_k
         offset = sa.select(sa.case((stored_k > top_k, stored_k), else_=top_k) - 1).where(

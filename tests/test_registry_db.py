@@ -174,3 +174,21 @@ def test_an_unreachable_registry_fails_before_training_in_one_line(workdir):
     error = one_line_error(result.stderr)
     assert "cannot use the registry postgresql://user@127.0.0.1" in error and "secret" not in error
     assert run_dirs(workdir) == [] and result.stdout == ""
+
+
+def test_savers_leave_no_connection_open(postgres_url):
+    """A sweep worker makes a saver per run: each closes its connections when it goes, not at exit."""
+    def client_connections():
+        engine = sa.create_engine(postgres_url, poolclass=sa.NullPool)
+        with engine.connect() as connection:
+            count = connection.exec_driver_sql("SELECT count(*) FROM pg_stat_activity "
+                                               "WHERE backend_type = 'client backend'").scalar()
+        return count - 1  # this one
+
+    before = client_connections()
+    for run in range(10):
+        saver = CheckpointSaver(postgres_url, "connections", protocol=PROTOCOL)
+        saver.check()
+        saver.submit(float(run), {"weight": torch.zeros(1)}, f"run{run}", 1, 0.1)
+    del saver
+    assert client_connections() == before
