@@ -27,8 +27,9 @@ repaired its index from the checkpoints' metadata, merged orphans and cleaned st
 * writers to one instance are serialised: each write transaction begins by writing the instance's row, which
   holds that row's lock (PostgreSQL) or the database's write lock (SQLite) until it ends, so the k-th score it
   compares with is the latest; a wait longer than ``lock_timeout`` fails with a ``RegistryError``;
-* the server rolls back the transaction of a connection that dies (PostgreSQL also ends one left idle in a
-  transaction for ``lock_timeout``, so a frozen machine does not block the others).
+* the transaction of a writer that dies is rolled back: by PostgreSQL when its connection drops (or stays idle
+  in the transaction for ``lock_timeout``: a frozen machine does not block the others), by SQLite from its
+  journal, and the dead process's file lock goes with it.
 
 What stays here: the ranking rule, the protocol check, serialising the checkpoint before the transaction (only
 if the cheap pre-check, one indexed query for the k-th score, lets it in), the leaderboard, export and the
@@ -388,12 +389,14 @@ def import_folders(root: str | os.PathLike, location: str | os.PathLike) -> tupl
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    command = argv.pop(0) if argv and argv[0] in ("export", "import") else "show"
     parser = argparse.ArgumentParser(
-        prog="python checkpoint_saver.py",
-        description="The best checkpoints per problem instance. With no command: the leaderboard.",
+        prog="python checkpoint_saver.py" + ("" if command == "show" else f" {command}"),
+        description={"show": "The best checkpoints per problem instance: the leaderboard.",
+                     "export": "Write an entry of the registry to a .pt file.",
+                     "import": "Copy folder registries of the previous version into the database."}[command],
         epilog="commands: export INSTANCE [--rank N] [--out FILE.pt]; import FOLDER (a folder registry of "
                "the previous version). Each takes --registry.")
-    command = argv.pop(0) if argv and argv[0] in ("export", "import") else "show"
     if command == "import":
         parser.add_argument("folder", help="the folder holding <instance>/index.json")
     elif command == "export":
