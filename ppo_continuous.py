@@ -10,6 +10,7 @@ compiled by `--compile`); the registry lives in `checkpoint_saver.py`.
 Run `python ppo_continuous.py --help` for the options; README.md explains the terms.
 """
 
+import contextlib
 import dataclasses
 import functools
 import importlib.util
@@ -475,80 +476,77 @@ def train(args, on_evaluation=None):
     """
     given = args  # as the caller gave them: checkpoints save these, so a resumed run can change one
     args, env_kwargs = resolved_args(args)
-    with global_state(args), stop_signals() as stop:
-        run = Run(given, args, env_kwargs)  # envs, agent, optimizers, run folder, registry; restores --resume
+    with global_state(args), stop_signals() as stop, contextlib.ExitStack() as resources:
+        run = Run(given, args, env_kwargs, resources)  # envs, agent, optimizers, run folder, registry
         agent, counters, envs, batch_size = run.agent, run.counters, run.envs, args.num_envs * args.num_steps
-        try:
-            buffers = {name: np.zeros((args.num_steps, args.num_envs, *shape), dtype=dtype) for name, shape, dtype in [
-                ("obs", (run.obs_size,), np.float32), ("actions", (run.action_size,), np.float32),
-                ("logprobs", (), np.float32), ("rewards", (), np.float32), ("values", (), np.float32),
-                ("terminated", (), bool), ("truncated", (), bool), ("truncation_values", (), np.float32)]}
-            next_obs = run.reset_envs()
-            while counters["global_step"] + batch_size <= args.total_timesteps and not run.stopped(stop):
-                run.begin_rollout()
+        buffers = {name: np.zeros((args.num_steps, args.num_envs, *shape), dtype=dtype) for name, shape, dtype in [
+            ("obs", (run.obs_size,), np.float32), ("actions", (run.action_size,), np.float32),
+            ("logprobs", (), np.float32), ("rewards", (), np.float32), ("values", (), np.float32),
+            ("terminated", (), bool), ("truncated", (), bool), ("truncation_values", (), np.float32)]}
+        next_obs = run.reset_envs()
+        while counters["global_step"] + batch_size <= args.total_timesteps and not run.stopped(stop):
+            run.begin_rollout()
 
-                # COLLECT ROLLOUT
-                policy = numpy_policy(agent)  # `get_action_and_value` in numpy, with the noise given (ppo_support.py)
-                for step in range(args.num_steps):
-                    counters["global_step"] += args.num_envs
-                    buffers["obs"][step] = next_obs
-                    # torch's generator draws the noise: the random stream `get_action_and_value` would use.
-                    action, logprob, value = policy(next_obs, torch.randn(args.num_envs, run.action_size).numpy())
-                    buffers["actions"][step], buffers["logprobs"][step], buffers["values"][step] = action, logprob, value
-                    raw_obs, reward, terminated, truncated, infos = envs.step(run.env_action(action))
-                    buffers["rewards"][step], buffers["terminated"][step], buffers["truncated"][step] = (
-                        reward, terminated, truncated)
-                    next_obs = run.observe(raw_obs)
-                    if args.bootstrap_truncation and (truncated & ~terminated).any():
-                        buffers["truncation_values"][step] = run.truncation_values(infos, truncated & ~terminated)
-                    if "_episode" in infos:
-                        run.episodes_ended(infos)
-                    if stop["requested"]:
-                        break
+            # COLLECT ROLLOUT
+            policy = numpy_policy(agent)  # `get_action_and_value` in numpy, with the noise given (ppo_support.py)
+            for step in range(args.num_steps):
+                counters["global_step"] += args.num_envs
+                buffers["obs"][step] = next_obs
+                # torch's generator draws the noise: the random stream `get_action_and_value` would use.
+                action, logprob, value = policy(next_obs, torch.randn(args.num_envs, run.action_size).numpy())
+                buffers["actions"][step], buffers["logprobs"][step], buffers["values"][step] = action, logprob, value
+                raw_obs, reward, terminated, truncated, infos = envs.step(run.env_action(action))
+                buffers["rewards"][step], buffers["terminated"][step], buffers["truncated"][step] = (
+                    reward, terminated, truncated)
+                next_obs = run.observe(raw_obs)
+                if args.bootstrap_truncation and (truncated & ~terminated).any():
+                    buffers["truncation_values"][step] = run.truncation_values(infos, truncated & ~terminated)
+                if "_episode" in infos:
+                    run.episodes_ended(infos)
                 if stop["requested"]:
                     break
-                run.end_rollout(buffers, on_evaluation)  # may evaluate the agent that collected the rollout
+            if stop["requested"]:
+                break
+            run.end_rollout(buffers, on_evaluation)  # may evaluate the agent that collected the rollout
 
-                # COMPUTE THE ADVANTAGES, BOOTSTRAPPING WHERE TRAJECTORIES DID NOT END WITH TERMINATION
-                with torch.inference_mode():
-                    next_value = agent.get_value(torch.from_numpy(next_obs).to(run.device)).squeeze(-1).cpu().numpy()
-                rewards = buffers["rewards"]
-                if args.average_reward:
-                    run.rho = update_rho(run.rho, rewards, args.rho_step_size)
-                    rewards = rewards - run.rho
-                terminated = buffers["terminated"] | (buffers["truncated"] & (not args.bootstrap_truncation))
-                advantages = compute_gae(rewards, buffers["values"], next_value, terminated, buffers["truncated"],
-                                         buffers["truncation_values"], args.gamma, args.gae_lambda)
-                returns = (differential_returns(advantages, buffers["values"]) if args.average_reward
-                           else advantages + buffers["values"])
+            # COMPUTE THE ADVANTAGES, BOOTSTRAPPING WHERE TRAJECTORIES DID NOT END WITH TERMINATION
+            with torch.inference_mode():
+                next_value = agent.get_value(torch.from_numpy(next_obs).to(run.device)).squeeze(-1).cpu().numpy()
+            rewards = buffers["rewards"]
+            if args.average_reward:
+                run.rho = update_rho(run.rho, rewards, args.rho_step_size)
+                rewards = rewards - run.rho
+            terminated = buffers["terminated"] | (buffers["truncated"] & (not args.bootstrap_truncation))
+            advantages = compute_gae(rewards, buffers["values"], next_value, terminated, buffers["truncated"],
+                                     buffers["truncation_values"], args.gamma, args.gae_lambda)
+            returns = (differential_returns(advantages, buffers["values"]) if args.average_reward
+                       else advantages + buffers["values"])
 
-                # LEARNING PHASE: update_epochs passes over the batch, in shuffled minibatches
-                batch = tuple(torch.from_numpy(array.reshape(batch_size, *array.shape[2:])).to(run.device) for array in
-                              (buffers["obs"], buffers["actions"], buffers["logprobs"], advantages, returns,
-                               buffers["values"]))
-                ratios = []
-                for epoch in range(args.update_epochs):
-                    # Shuffling once per epoch and slicing gives the same random minibatches with one gather.
-                    permutation = torch.randperm(batch_size, device=run.device)
-                    shuffled = [tensor[permutation] for tensor in batch]
-                    for start in range(0, batch_size, run.minibatch_size):
-                        minibatch = tuple(tensor[start:start + run.minibatch_size] for tensor in shuffled)
-                        pg_loss, v_loss, entropy_loss, ratio = run.update(minibatch)
-                        counters["minibatch_updates"] += 1
-                        ratios.append(ratio)
-                        if stop["requested"]:  # a long learning phase still stops within a minibatch
-                            break
-                    counters["updates"] += 1
-                    approx_kl = ((ratio - 1) - ratio.log()).mean()  # the epoch's last minibatch, as CleanRL
-                    if stop["requested"] or (args.target_kl is not None and approx_kl > args.target_kl):
+            # LEARNING PHASE: update_epochs passes over the batch, in shuffled minibatches
+            batch = tuple(torch.from_numpy(array.reshape(batch_size, *array.shape[2:])).to(run.device) for array in
+                          (buffers["obs"], buffers["actions"], buffers["logprobs"], advantages, returns,
+                           buffers["values"]))
+            ratios = []
+            for epoch in range(args.update_epochs):
+                # Shuffling once per epoch and slicing gives the same random minibatches with one gather.
+                permutation = torch.randperm(batch_size, device=run.device)
+                shuffled = [tensor[permutation] for tensor in batch]
+                for start in range(0, batch_size, run.minibatch_size):
+                    minibatch = tuple(tensor[start:start + run.minibatch_size] for tensor in shuffled)
+                    pg_loss, v_loss, entropy_loss, ratio = run.update(minibatch)
+                    counters["minibatch_updates"] += 1
+                    ratios.append(ratio)
+                    if stop["requested"]:  # a long learning phase still stops within a minibatch
                         break
+                counters["updates"] += 1
+                approx_kl = ((ratio - 1) - ratio.log()).mean()  # the epoch's last minibatch, as CleanRL
+                if stop["requested"] or (args.target_kl is not None and approx_kl > args.target_kl):
+                    break
 
-                # LOG
-                run.log_update((pg_loss, v_loss, entropy_loss), ratios, buffers["values"], returns)
-                run.save_latest()
-            return run.finish(on_evaluation, interrupted=stop["requested"])
-        finally:  # a run that failed on bad input leaves no folder without a checkpoint
-            run.close(failed=isinstance(sys.exc_info()[1], TrainError))
+            # LOG
+            run.log_update((pg_loss, v_loss, entropy_loss), ratios, buffers["values"], returns)
+            run.save_latest()
+        return run.finish(on_evaluation, interrupted=stop["requested"])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -556,9 +554,10 @@ def train(args, on_evaluation=None):
 # ---------------------------------------------------------------------------------------------------------------
 
 class Run:
-    """The state of one training run and the bookkeeping the training loop hands over to it."""
+    """The state of one training run and the bookkeeping the training loop hands over to it. What it opens (envs,
+    run folder, loggers) is closed by `resources`, an ExitStack, also when building it fails half-way."""
 
-    def __init__(self, given, args, env_kwargs):
+    def __init__(self, given, args, env_kwargs, resources):
         self.given, self.args, self.env_kwargs = given, args, env_kwargs
         self.device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
         self.env_info = check_env(args.env_id, env_kwargs)
@@ -595,11 +594,13 @@ class Run:
         # Env subprocesses (--async-envs) inherit this: they ignore Ctrl-C and SIGTERM, and this process stops them.
         with signal_handlers(signal.SIG_IGN):
             self.envs, self.reward_normalizer = make_training_envs(args, env_kwargs, self.env_info)
+        resources.callback(self.envs.close)
         if resumed is not None and self.reward_normalizer is not None and resumed["reward_rms"] is not None:
             # The scale statistics carry over; the running returns of episodes that no longer exist do not.
             load_rms_state(self.reward_normalizer.return_rms, resumed["reward_rms"])
         self.run_dir = unique_run_dir(self.instance, args)
-        self.writer = open_writer(self.run_dir, given, args)
+        resources.push(self.remove_failed_run_dir)
+        self.writer = open_writer(self.run_dir, given, args, resources)
         say(f"run: {self.run_dir}  instance: {self.instance}  device: {self.device}")
         say(f"evaluation protocol: {json.dumps(self.protocol)}")
 
@@ -613,7 +614,8 @@ class Run:
         self.latest_lta, self.stopped_by_callback = math.nan, False
         self.timing = {"rollout_seconds": 0.0, "update_seconds": 0.0, "eval_seconds": 0.0}
         self.stats, self.phase_start = {}, time.perf_counter()
-        self.progress = Progress(self.final_step, self.counters["global_step"])
+        self.progress = resources.enter_context(contextlib.closing(Progress(self.final_step,
+                                                                            self.counters["global_step"])))
 
     def restore(self, checkpoint):
         """Continue from `--resume`: weights, optimizer state, observation statistics, counters and rho."""
@@ -789,16 +791,10 @@ class Run:
                 "counters": self.counters, "stats": self.stats, "timing": self.timing, "interrupted": interrupted,
                 "stopped_early": stopped_early}
 
-    def close(self, failed=False):
-        """Release envs and loggers; a run that failed on bad input (found only in training, such as an env that
-        terminates) leaves no folder behind unless it saved a checkpoint."""
-        self.progress.close()
-        self.envs.close()
-        self.writer.close()
-        if self.args.track:
-            import wandb
-            wandb.finish()
-        if failed and not any(self.run_dir.glob("*.pt")):
+    def remove_failed_run_dir(self, error_type, error, traceback):
+        """A run that failed on bad input (found only in training, such as an env that terminates) leaves no
+        folder behind unless it saved a checkpoint (an exit callback of `resources`)."""
+        if isinstance(error, TrainError) and not any(self.run_dir.glob("*.pt")):
             shutil.rmtree(self.run_dir, ignore_errors=True)
 
 
@@ -829,6 +825,9 @@ def resolved_args(args):
     if resolved.average_reward and resolved.gamma != 1:
         raise TrainError(f"--average-reward needs --gamma 1 (got {resolved.gamma}): centring the differential values "
                          f"is exact only without discounting")
+    if resolved.average_reward and not resolved.bootstrap_truncation:
+        raise TrainError("--average-reward needs --bootstrap-truncation: time-outs taken as terminations would "
+                         "break the cancellation of the value offset; drop --no-bootstrap-truncation")
     if not resolved.hidden_sizes or min(resolved.hidden_sizes) <= 0:
         raise TrainError(f"--hidden-sizes must be one or more positive sizes, got {resolved.hidden_sizes}")
     batch_size = resolved.num_envs * resolved.num_steps

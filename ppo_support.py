@@ -13,6 +13,7 @@ import ast
 import contextlib
 import dataclasses
 import inspect
+import itertools
 import json
 import math
 import os
@@ -390,25 +391,32 @@ def open_registry(args, instance, protocol):
 
 
 def unique_run_dir(instance, args):
+    """`runs/{instance}__{exp_name}__{seed}__{time}`, or with `-1`, `-2`, ... if taken. Each candidate is created
+    with one mkdir, which fails if it exists: runs started in the same second never share a folder."""
     name = f"{instance}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir, suffix = Path("runs") / name, 1
-    while run_dir.exists():
-        run_dir, suffix = Path("runs") / f"{name}-{suffix}", suffix + 1
+    run_dir = Path("runs") / name
     try:
-        run_dir.mkdir(parents=True)
+        run_dir.parent.mkdir(exist_ok=True)
+        for suffix in itertools.count(1):
+            try:
+                run_dir.mkdir()
+                return run_dir
+            except FileExistsError:
+                run_dir = Path("runs") / f"{name}-{suffix}"
     except OSError as error:
         raise TrainError(f"cannot create the run folder '{run_dir}' ({error.strerror or error}): run from a "
                          f"writable directory") from None
-    return run_dir
 
 
-def open_writer(run_dir, given, args):
-    """TensorBoard, and with --track Weights & Biases mirroring it (as CleanRL does)."""
+def open_writer(run_dir, given, args, resources):
+    """TensorBoard, and with --track Weights & Biases mirroring it (as CleanRL does); `resources` (an ExitStack)
+    closes them."""
     if args.track:
         import wandb
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
                    config=asdict(args), name=run_dir.name, save_code=True)
-    writer = SummaryWriter(str(run_dir))
+        resources.callback(wandb.finish)
+    writer = resources.enter_context(contextlib.closing(SummaryWriter(str(run_dir))))
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(
         f"|{key}|{value}|" for key, value in asdict(given).items()))
     return writer

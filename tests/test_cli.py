@@ -1,17 +1,20 @@
 """The trainer end to end: through its real command line where the command line is the point, else in-process."""
 
 import dataclasses
+import multiprocessing
 import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 import ppo_continuous
+import ppo_support
 from checkpoint_saver import read_instance
-from ppo_continuous import Args, load_checkpoint, train
+from ppo_continuous import Args, TrainError, load_checkpoint, train
 from tests.conftest import (FAST, FAST_EVAL, REPO, SCRIPT, fast_args, one_line_error, run_cli, run_dirs, scalars,
                             values)
 
@@ -215,6 +218,7 @@ PENDULUM = ["--env-id", "Pendulum-v1", *FAST, *FAST_EVAL]
     (["--reset-steps", "0"], "--reset-steps must be positive"),
     (["--hidden-sizes", "64", "0"], "--hidden-sizes must be one or more positive sizes"),
     (["--average-reward", "--gamma", "0.9"], "--average-reward needs --gamma 1 (got 0.9)"),
+    (["--average-reward", "--no-bootstrap-truncation"], "--average-reward needs --bootstrap-truncation"),
     ([*PENDULUM, "--eval-episodes", "1"], "--eval-episodes must be at least 2"),
     ([*PENDULUM, "--eval-warmup", "10"], "--eval-warmup applies to continuing tasks only"),
     (["--env-id", "tests.envs:Continuing-v0", *FAST], "has no time limit, so evaluation episodes would never end"),
@@ -227,6 +231,30 @@ def test_bad_input_is_one_line_and_exit_status_2(indir, capsys, args, message):
     assert ppo_continuous.main(args) == 2
     assert message in one_line_error(capsys.readouterr().err)
     assert run_dirs(indir) == []
+
+
+def test_a_failure_after_the_envs_exist_leaves_no_env_process_and_no_folder(indir):
+    # The run folder cannot be created ('runs' is a file) after the env subprocesses (--async-envs) are started.
+    (indir / "runs").write_text("a file, not a folder")
+    with pytest.raises(TrainError, match="cannot create the run folder") as failure:
+        train(fast_args(async_envs=True, checkpoint_dir="registry"))
+    # Even while the error (and with it the half-built run) is still referenced, as by a caller that logs it.
+    assert failure.traceback and multiprocessing.active_children() == []
+    assert (indir / "runs").read_text() == "a file, not a folder"
+
+
+def test_runs_started_in_the_same_second_get_their_own_folders(indir, monkeypatch):
+    monkeypatch.setattr(ppo_support.time, "time", lambda: 1_000_000_000.0)  # (in the past: no file looks stale)
+    first = train(fast_args(total_timesteps=256))["run_dir"]
+    assert first.name == "Pendulum-v1__ppo_continuous__1__1000000000"
+    # Another run takes the next name between a look and a mkdir: the folder must be claimed by the mkdir itself.
+    (indir / "runs" / f"{first.name}-1").mkdir()
+    exists = Path.exists
+    monkeypatch.setattr(Path, "exists", lambda path: False if path.parent.name == "runs" and
+                        path.name.startswith(first.name) else exists(path))
+    second = train(fast_args(total_timesteps=256))["run_dir"]
+    assert second.name == f"{first.name}-2" and (second / "final.pt").exists()
+    assert not any((indir / "runs" / f"{first.name}-1").iterdir())  # the other run's folder was left alone
 
 
 def test_a_checkpoint_that_does_not_fit_the_agent_is_one_line(indir, capsys):
