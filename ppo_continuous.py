@@ -32,12 +32,12 @@ import torch.nn as nn
 from gymnasium.wrappers.utils import RunningMeanStd
 
 from checkpoint_saver import RegistryError, entry_bytes, instance_key, save_atomic, without_password
-from ppo_support import (LOG_SQRT_2PI, CandidateSelection, Progress, TrainError, check_env, check_numpy_mirrors,
-                         compiled_minibatch_update, default_eval_every, deterministic_numpy_policy, env_action_map,
-                         evaluate, evaluation_protocol, format_score, global_state, grouped_cli, load_rms_state,
-                         make_vector_env, normalize_observation, numpy_policy, observation_stats, open_registry,
-                         open_writer, read_checkpoint, require_cpp_compiler, rms_state, say, signal_handlers,
-                         stop_signals, unique_run_dir, warn)
+from ppo_support import (LOG_SQRT_2PI, CandidateSelection, Progress, TrainError, check_env, check_fits_env,
+                         check_numpy_mirrors, compiled_minibatch_update, default_eval_every, deterministic_numpy_policy,
+                         env_action_map, evaluate, evaluation_protocol, format_score, global_state, grouped_cli,
+                         load_rms_state, make_vector_env, normalize_observation, numpy_policy, observation_stats,
+                         open_registry, open_writer, paired_difference, read_checkpoint, require_cpp_compiler,
+                         rms_state, say, signal_handlers, stop_signals, unique_run_dir, warn)
 
 
 @dataclass
@@ -155,8 +155,10 @@ class Args:
     """at most this many evaluations of nominated agents between two periodic ones (0: periodic ones only)"""
     eval_only: Optional[str] = None
     """evaluate this checkpoint under the evaluation protocol and exit, without training"""
+    compare: Optional[Tuple[str, str]] = None
+    """evaluate checkpoints A and B on the same evaluation seeds, with the paired difference A - B, and exit"""
     eval_json: Optional[str] = None
-    """with --eval-only: also write the score to this JSON file"""
+    """with --eval-only or --compare: also write the scores to this JSON file"""
 
     # checkpoints
     problem_instance: Optional[str] = None
@@ -625,10 +627,7 @@ class Run:
             if (list(before) if name == "hidden_sizes" else before) != (list(now) if name == "hidden_sizes" else now):
                 raise TrainError(f"--{name.replace('_', '-')} cannot change on resume: '{path}' was trained with "
                                  f"{before}, this run asks for {now}")
-        if (checkpoint["obs_size"], checkpoint["action_size"]) != (self.obs_size, self.action_size):
-            raise TrainError(f"checkpoint '{path}' has observation/action sizes {checkpoint['obs_size']}/"
-                             f"{checkpoint['action_size']}, but env '{self.args.env_id}' has "
-                             f"{self.obs_size}/{self.action_size}")
+        check_fits_env(checkpoint, path, self.args.env_id, self.env_info)
         load_agent_weights(self.agent, checkpoint, path)
         for optimizer, state in zip(self.optimizers, checkpoint["optimizers"]):
             optimizer.load_state_dict(state)
@@ -837,9 +836,9 @@ def resolved_args(args):
                          f"choose sizes that divide it")
     if resolved.track and importlib.util.find_spec("wandb") is None:
         raise TrainError("--track needs the wandb package: pip install -r requirements.txt")
-    if resolved.eval_only and resolved.resume:
-        raise TrainError("--eval-only and --resume exclude each other: give one")
-    if resolved.compile and not resolved.eval_only and not (resolved.cuda and torch.cuda.is_available()):
+    if sum(map(bool, (resolved.eval_only, resolved.compare, resolved.resume))) > 1:
+        raise TrainError("--eval-only, --compare and --resume exclude each other: give one")
+    if resolved.compile and not (resolved.eval_only or resolved.compare) and not (resolved.cuda and torch.cuda.is_available()):
         require_cpp_compiler()
     try:
         env_kwargs = json.loads(resolved.env_kwargs)
@@ -852,7 +851,7 @@ def resolved_args(args):
 
 HELP_GROUPS = {"exp_name": "run", "env_id": "env", "total_timesteps": "rollout", "learning_rate": "ppo_update",
                "eval_episodes": "evaluation", "problem_instance": "checkpoints"}
-NOT_INHERITED = ("resume", "eval_only", "eval_json")
+NOT_INHERITED = ("resume", "eval_only", "compare", "eval_json")
 
 
 def args_from_checkpoint(path):
@@ -865,11 +864,12 @@ def args_from_checkpoint(path):
 
 
 def cli_args(argv=None):
-    """`Args` from the command line, with `--help` in groups (the flags stay flat). With `--resume PATH` or
-    `--eval-only PATH` the checkpoint's options are the defaults, so only what changes needs repeating."""
+    """`Args` from the command line, with `--help` in groups (the flags stay flat). With `--resume PATH`,
+    `--eval-only PATH` or `--compare PATH B` the checkpoint's options are the defaults, so only what changes needs
+    repeating."""
     argv = list(sys.argv[1:] if argv is None else argv)
     defaults = Args()
-    for flag in ("--resume", "--eval-only"):
+    for flag in ("--resume", "--eval-only", "--compare"):
         for i, word in enumerate(argv):
             path = argv[i + 1] if word == flag and i + 1 < len(argv) else word.partition("=")[2] \
                 if word.startswith(flag + "=") else None
@@ -878,32 +878,44 @@ def cli_args(argv=None):
     return grouped_cli(Args, defaults, HELP_GROUPS, argv, __doc__.split("\n\n")[0])
 
 
-def evaluate_checkpoint(args):
-    """`--eval-only`: score a checkpoint under the evaluation protocol of its problem instance (its options are
-    the defaults, see `cli_args`), print it and optionally write it as JSON."""
+def evaluate_checkpoints(args):
+    """`--eval-only PATH`: score a checkpoint under the evaluation protocol of its problem instance (its options
+    are the defaults, see `cli_args`). `--compare A B`: score both under A's protocol on the same seeds, and their
+    paired difference. Prints the scores and optionally writes them as JSON; returns them."""
     args, env_kwargs = resolved_args(args)
+    paths = [args.eval_only] if args.eval_only else list(args.compare)
     with global_state(args):
-        checkpoint = read_checkpoint(args.eval_only)
+        checkpoints = [read_checkpoint(path) for path in paths]
         env_info = check_env(args.env_id, env_kwargs)
         protocol = evaluation_protocol(args, env_info)
-        agent = agent_from_checkpoint(checkpoint, args.eval_only)
-        check_numpy_mirrors(agent)
-        policy = deterministic_numpy_policy(agent, observation_stats(checkpoint), checkpoint["args"]["clip_obs"])
-        start = time.perf_counter()
-        evaluation = evaluate(policy, args.env_id, env_kwargs, protocol, env_info["native_vector"])
-    say(f"{args.eval_only} (instance {checkpoint.get('instance')}, step {checkpoint['global_step']}): LTA return "
-        f"{format_score(evaluation)} (95% CI over {evaluation['episodes']} episodes; protocol {json.dumps(protocol)}; "
-        f"{time.perf_counter() - start:.1f} s)")
+        evaluations, start = [], time.perf_counter()
+        for path, checkpoint in zip(paths, checkpoints):
+            check_fits_env(checkpoint, path, args.env_id, env_info)
+            agent = agent_from_checkpoint(checkpoint, path)
+            check_numpy_mirrors(agent)
+            policy = deterministic_numpy_policy(agent, observation_stats(checkpoint), checkpoint["args"]["clip_obs"])
+            evaluations.append(evaluate(policy, args.env_id, env_kwargs, protocol, env_info["native_vector"]))
+    say(f"protocol {json.dumps(protocol)} ({time.perf_counter() - start:.1f} s)")
+    for path, checkpoint, evaluation in zip(paths, checkpoints, evaluations):
+        say(f"{path} (instance {checkpoint.get('instance')}, step {checkpoint['global_step']}): LTA return "
+            f"{format_score(evaluation)} (95% CI over {evaluation['episodes']} episodes)")
+    result = {"checkpoint": str(paths[0]), **evaluations[0]}
+    if args.compare:
+        difference = paired_difference(*evaluations)
+        say(f"A - B: {format_score(difference)} (paired 95% CI over the {difference['episodes']} episodes both faced "
+            f"with the same seeds; unpaired it would be +- {difference['unpaired_half_width']:.3g})")
+        result = {"a": {"checkpoint": str(paths[0]), **evaluations[0]},
+                  "b": {"checkpoint": str(paths[1]), **evaluations[1]}, "difference": difference}
     if args.eval_json:
-        Path(args.eval_json).write_text(json.dumps({"checkpoint": str(args.eval_only), **evaluation}, indent=2))
-    return evaluation
+        Path(args.eval_json).write_text(json.dumps(result, indent=2))
+    return result
 
 
 def main(argv=None):
     try:
         args = cli_args(argv)
-        if args.eval_only:
-            evaluate_checkpoint(args)
+        if args.eval_only or args.compare:
+            evaluate_checkpoints(args)
             return 0
         summary = train(args)
     except TrainError as error:

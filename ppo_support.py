@@ -254,8 +254,10 @@ def evaluate(policy, env_id, env_kwargs, protocol, native_vector):
                 break
     finally:
         envs.close()
-    mean, half_width = mean_confidence_interval(returns / lengths)
-    return {"mean": mean, "half_width": half_width, "episodes": copies, "protocol": protocol}
+    per_episode = returns / lengths
+    mean, half_width = mean_confidence_interval(per_episode)
+    return {"mean": mean, "half_width": half_width, "episodes": copies, "protocol": protocol,
+            "per_episode": per_episode.tolist()}
 
 
 def format_score(evaluation):
@@ -325,6 +327,20 @@ class CandidateSelection:
         return bool(self.patience) and self.evaluations_since_best >= self.patience
 
 
+def paired_difference(first, second, confidence=0.95):
+    """`first - second` of two evaluations under one protocol: episode i of both faced the same seeds (common random
+    numbers), so the Student-t interval is over the n paired differences. `unpaired_half_width` is what Welch's
+    interval would give for the same scores taken as independent, for comparison."""
+    a, b = np.asarray(first["per_episode"]), np.asarray(second["per_episode"])
+    if first["protocol"] != second["protocol"] or len(a) != len(b):
+        raise ValueError("a paired difference needs two evaluations under the same protocol")
+    mean, half_width = mean_confidence_interval(a - b, confidence)
+    var_a, var_b = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+    dof = (var_a + var_b) ** 2 / ((var_a ** 2 + var_b ** 2) / (len(a) - 1)) if var_a + var_b > 0 else len(a) - 1
+    unpaired = float(scipy.stats.t.ppf(0.5 + confidence / 2, dof) * math.sqrt(var_a + var_b))
+    return {"mean": mean, "half_width": half_width, "episodes": len(a), "unpaired_half_width": unpaired}
+
+
 def mean_confidence_interval(values, confidence=0.95):
     """The mean of independent measurements and the half-width of its Student-t confidence interval."""
     values = np.asarray(values, dtype=np.float64)
@@ -350,6 +366,15 @@ def read_checkpoint(path, name=None):
         raise TrainError(f"'{name}' is not a checkpoint of ppo_continuous.py (it lacks the keys "
                          f"{', '.join(CHECKPOINT_KEYS)})")
     return checkpoint
+
+
+def check_fits_env(checkpoint, path, env_id, env_info):
+    """Raise TrainError if the checkpoint's network does not take this env's observations or give its actions."""
+    sizes = (env_info["obs_size"], env_info["action_space"].shape[0])
+    if (checkpoint["obs_size"], checkpoint["action_size"]) != sizes:
+        raise TrainError(f"checkpoint '{path}' has observation/action sizes {checkpoint['obs_size']}/"
+                         f"{checkpoint['action_size']}, but env '{env_id}' has {sizes[0]}/{sizes[1]}: give the "
+                         f"--env-id (and --env-kwargs) it was trained on")
 
 
 def observation_stats(checkpoint):

@@ -4,12 +4,13 @@ import json
 
 import numpy as np
 import pytest
+import scipy.stats
 import torch
 
 import ppo_continuous
 import ppo_support
 from checkpoint_saver import read_instance
-from ppo_continuous import Agent, Args, cli_args, evaluate_checkpoint, train
+from ppo_continuous import Agent, Args, cli_args, evaluate_checkpoints, train
 from ppo_support import check_env, deterministic_numpy_policy, evaluate, evaluation_protocol
 from queueing.baselines import POLICIES
 from tests.conftest import fast_args, one_line_error, run_cli, run_dirs
@@ -124,7 +125,7 @@ def test_eval_only_prints_the_score_with_its_interval_and_writes_json(indir):
     assert f"LTA return {written['mean']:.6g} +- {written['half_width']:.3g} (95% CI over 2 episodes" in result.stdout
     assert len(run_dirs(indir)) == 1  # no training run
     # The protocol options apply on top of the checkpoint's.
-    wider = evaluate_checkpoint(cli_args(["--eval-only", str(summary["run_dir"] / "best.pt"), "--eval-episodes", "5"]))
+    wider = evaluate_checkpoints(cli_args(["--eval-only", str(summary["run_dir"] / "best.pt"), "--eval-episodes", "5"]))
     assert wider["episodes"] == 5 and wider["protocol"]["horizon"] == 50
 
 
@@ -182,3 +183,37 @@ def test_common_random_numbers_make_paired_differences_precise(baseline_scores):
     assert difference_half_width < min(cmu["half_width"], longest["half_width"])
     assert difference_half_width < 0.7 * np.hypot(cmu["half_width"], longest["half_width"])
     assert difference - difference_half_width > 0  # c-mu is better, significantly
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --compare A B: two checkpoints under one protocol, on the same seeds, with the paired difference
+# ---------------------------------------------------------------------------------------------------------------
+
+SMALL_CONTINUING = dict(eval_episodes=16, eval_horizon=2000, eval_warmup=200)
+
+
+def test_compare_gives_the_paired_difference_on_common_random_numbers(indir):
+    a, b = (train(fast_args(env_id=QUEUEING, env_kwargs=json.dumps(SINGLE_SERVER), seed=seed, total_timesteps=256,
+                            **SMALL_CONTINUING))["run_dir"] / "final.pt" for seed in (1, 2))
+    result = run_cli("--compare", a, b, "--eval-json", "compare.json", cwd=indir)
+    assert result.returncode == 0, result.stderr
+    written = json.loads((indir / "compare.json").read_text())
+    first, second, difference = written["a"], written["b"], written["difference"]
+    # Each score is the one --eval-only gives alone: the same protocol (A's) and the same seeds for both.
+    alone = run_cli("--eval-only", b, "--eval-json", "b.json", cwd=indir)
+    assert alone.returncode == 0, alone.stderr
+    assert json.loads((indir / "b.json").read_text())["per_episode"] == second["per_episode"]
+    assert first["protocol"] == second["protocol"] == {"kind": "continuing", "episodes": 16, "horizon": 2000,
+                                                       "warmup": 200, "seed": 1_000_000}
+    # The paired interval against a naive Student-t over the per-episode differences.
+    differences = np.array(first["per_episode"]) - np.array(second["per_episode"])
+    assert difference["mean"] == pytest.approx(first["mean"] - second["mean"])
+    assert difference["half_width"] == pytest.approx(
+        scipy.stats.t.ppf(0.975, 15) * differences.std(ddof=1) / np.sqrt(16))
+    assert 0 < difference["half_width"] < difference["unpaired_half_width"]  # common random numbers pay
+    assert f"A - B: {difference['mean']:.6g} +- {difference['half_width']:.3g} (paired 95% CI" in result.stdout
+    # A checkpoint against itself: exactly zero, with a zero-width interval.
+    itself = run_cli("--compare", a, a, "--eval-json", "itself.json", cwd=indir)
+    assert itself.returncode == 0, itself.stderr
+    same = json.loads((indir / "itself.json").read_text())["difference"]
+    assert same["mean"] == 0.0 and same["half_width"] == 0.0 and same["unpaired_half_width"] > 0
