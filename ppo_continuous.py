@@ -418,6 +418,7 @@ def make_checkpoint(run, evaluation=None):
         "args": {key: list(value) if isinstance(value, tuple) else value for key, value in
                  asdict(dataclasses.replace(run.given, registry=without_password(run.given.registry))).items()},
         "instance": run.instance,
+        "problem_definition": run.env_info["problem_definition"],
         "score": None if evaluation is None else evaluation["mean"],
         "half_width": None if evaluation is None else evaluation["half_width"],
         "protocol": run.protocol,
@@ -886,6 +887,9 @@ def evaluate_checkpoints(args):
     paths = [args.eval_only] if args.eval_only else list(args.compare)
     with global_state(args):
         checkpoints = [read_checkpoint(path) for path in paths]
+        trained_on, definition = checkpoints[0]["args"], checkpoints[0].get("problem_definition")
+        if definition and (args.env_id, args.env_kwargs) == (trained_on["env_id"], trained_on["env_kwargs"]):
+            env_kwargs = {**env_kwargs, **definition}  # the instance itself, not a path relative to where it trained
         env_info = check_env(args.env_id, env_kwargs)
         protocol = evaluation_protocol(args, env_info)
         evaluations, start = [], time.perf_counter()

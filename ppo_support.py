@@ -55,7 +55,9 @@ def check_env(env_id, env_kwargs):
     """Make one env and take one step, so a bad id, bad kwargs or an env failing at its first step is one line.
 
     Returns what the trainer needs to know of it: observation size, action space, the env's own time limit,
-    whether it declares itself continuing, and whether it has a native vector implementation.
+    whether it declares itself continuing, whether it has a native vector implementation, and the problem
+    definition it offers (env kwargs that rebuild it from any directory, as `env.unwrapped.network` of the queueing
+    envs does; else None).
     """
     try:
         env = gym.make(env_id, **env_kwargs)
@@ -80,9 +82,12 @@ def check_env(env_id, env_kwargs):
                          f"({type(error).__name__}: {error})") from None
     finally:
         env.close()
+    definition = getattr(getattr(env.unwrapped, "network", None), "problem_definition", None)
     return {"obs_size": env.observation_space.shape[0], "action_space": env.action_space,
             "time_limit": env.spec.max_episode_steps, "continuing": bool(env.metadata.get("continuing", False)),
-            "native_vector": env.spec.vector_entry_point is not None}
+            "native_vector": env.spec.vector_entry_point is not None,
+            # Plain JSON types, as a checkpoint that loads with weights_only=True must hold.
+            "problem_definition": None if definition is None else json.loads(json.dumps(definition))}
 
 
 def make_vector_env(env_id, env_kwargs, num_envs, max_episode_steps, native_vector, async_envs=False):

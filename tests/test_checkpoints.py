@@ -1,6 +1,7 @@
 """Checkpoints through the trainer: the cross-run registry of evaluated scores, load_checkpoint, early stop."""
 
 import io
+import json
 import os
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import ppo_continuous
 import ppo_support
 from checkpoint_saver import entry_bytes, read_instance
 from ppo_continuous import TrainError, load_checkpoint, train
-from tests.conftest import REPO, fast_args, one_line_error, run_dirs, scalars, values
+from tests.conftest import REPO, fast_args, one_line_error, run_cli, run_dirs, scalars, values
 
 
 def registry(workdir, instance="Pendulum-v1"):
@@ -171,3 +172,24 @@ def test_a_registry_ranked_the_other_way_is_refused_up_front(indir, capsys):
                                 "--total-timesteps", "256", "--lower-is-better"]) == 2
     assert "lower_is_better" in one_line_error(capsys.readouterr().err)
     assert registry(indir) == before and len(run_dirs(indir)) == 1
+
+
+def test_a_checkpoint_carries_its_problem_definition_and_evaluates_from_anywhere(indir):
+    # An instance file given by a relative path: the checkpoint must not depend on it.
+    instance = json.loads((REPO / "queueing" / "instances" / "single-server-2class.json").read_text())
+    (indir / "mine.json").write_text(json.dumps(instance))
+    summary = train(fast_args(env_id="queueing:QueueNetwork-v0", env_kwargs='{"instance": "mine.json"}',
+                              total_timesteps=256, eval_episodes=4, eval_horizon=500, eval_warmup=50))
+    final = torch.load(summary["run_dir"] / "final.pt", weights_only=True)
+    definition = final["problem_definition"]
+    assert definition["allocation"] == "proportional"
+    assert {key: definition["instance"][key] for key in instance} == instance  # the file's content, validated
+    elsewhere = indir / "elsewhere"
+    elsewhere.mkdir()
+    result = run_cli("--eval-only", (summary["run_dir"] / "final.pt").resolve(), "--eval-json", "score.json",
+                     cwd=elsewhere)
+    assert result.returncode == 0, result.stderr
+    assert json.loads((elsewhere / "score.json").read_text())["mean"] == final["score"]  # the same network
+    # Envs that offer no definition: None.
+    pendulum = train(fast_args(total_timesteps=256))
+    assert torch.load(pendulum["run_dir"] / "final.pt", weights_only=True)["problem_definition"] is None
