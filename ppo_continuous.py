@@ -33,11 +33,12 @@ from gymnasium.wrappers.utils import RunningMeanStd
 
 from checkpoint_saver import RegistryError, entry_bytes, instance_key, save_atomic, without_password
 from ppo_support import (LOG_SQRT_2PI, CandidateSelection, Progress, TrainError, check_env, check_fits_env,
-                         check_numpy_mirrors, compiled_minibatch_update, default_eval_every, deterministic_numpy_policy,
-                         env_action_map, evaluate, evaluation_protocol, format_score, global_state, grouped_cli,
-                         load_rms_state, make_vector_env, normalize_observation, numpy_policy, observation_stats,
-                         open_registry, open_writer, paired_difference, read_checkpoint, require_cpp_compiler,
-                         rms_state, say, signal_handlers, stop_signals, unique_run_dir, warn)
+                         check_numpy_mirrors, check_output_file, compiled_minibatch_update, default_eval_every,
+                         deterministic_numpy_policy, env_action_map, evaluate, evaluation_protocol, format_score,
+                         global_state, grouped_cli, load_rms_state, make_vector_env, normalize_observation,
+                         numpy_policy, observation_stats, open_registry, open_writer, paired_difference,
+                         read_checkpoint, require_cpp_compiler, rms_state, say, signal_handlers, stop_signals,
+                         unique_run_dir, warn)
 
 
 @dataclass
@@ -839,7 +840,11 @@ def resolved_args(args):
         raise TrainError("--track needs the wandb package: pip install -r requirements.txt")
     if sum(map(bool, (resolved.eval_only, resolved.compare, resolved.resume))) > 1:
         raise TrainError("--eval-only, --compare and --resume exclude each other: give one")
-    if resolved.compile and not (resolved.eval_only or resolved.compare) and not (resolved.cuda and torch.cuda.is_available()):
+    if resolved.eval_json and not (resolved.eval_only or resolved.compare):
+        raise TrainError("--eval-json writes the scores of --eval-only or --compare: give one of them (a training "
+                         "run records its scores in its checkpoints and TensorBoard logs)")
+    training = not (resolved.eval_only or resolved.compare)
+    if resolved.compile and training and not (resolved.cuda and torch.cuda.is_available()):
         require_cpp_compiler()
     try:
         env_kwargs = json.loads(resolved.env_kwargs)
@@ -885,6 +890,8 @@ def evaluate_checkpoints(args):
     paired difference. Prints the scores and optionally writes them as JSON; returns them."""
     args, env_kwargs = resolved_args(args)
     paths = [args.eval_only] if args.eval_only else list(args.compare)
+    if args.eval_json:
+        check_output_file(args.eval_json, "--eval-json")
     with global_state(args):
         checkpoints = [read_checkpoint(path) for path in paths]
         trained_on, definition = checkpoints[0]["args"], checkpoints[0].get("problem_definition")
@@ -892,13 +899,16 @@ def evaluate_checkpoints(args):
             env_kwargs = {**env_kwargs, **definition}  # the instance itself, not a path relative to where it trained
         env_info = check_env(args.env_id, env_kwargs)
         protocol = evaluation_protocol(args, env_info)
-        evaluations, start = [], time.perf_counter()
-        for path, checkpoint in zip(paths, checkpoints):
+        policies = []
+        for path, checkpoint in zip(paths, checkpoints):  # every check before any evaluation
             check_fits_env(checkpoint, path, args.env_id, env_info)
             agent = agent_from_checkpoint(checkpoint, path)
             check_numpy_mirrors(agent)
-            policy = deterministic_numpy_policy(agent, observation_stats(checkpoint), checkpoint["args"]["clip_obs"])
-            evaluations.append(evaluate(policy, args.env_id, env_kwargs, protocol, env_info["native_vector"]))
+            policies.append(deterministic_numpy_policy(agent, observation_stats(checkpoint),
+                                                       checkpoint["args"]["clip_obs"]))
+        start = time.perf_counter()
+        evaluations = [evaluate(policy, args.env_id, env_kwargs, protocol, env_info["native_vector"])
+                       for policy in policies]
     say(f"protocol {json.dumps(protocol)} ({time.perf_counter() - start:.1f} s)")
     for path, checkpoint, evaluation in zip(paths, checkpoints, evaluations):
         say(f"{path} (instance {checkpoint.get('instance')}, step {checkpoint['global_step']}): LTA return "

@@ -17,13 +17,13 @@ import itertools
 import json
 import math
 import os
-import pickle
 import random
 import shutil
 import signal
 import sys
 import threading
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
@@ -364,9 +364,14 @@ def read_checkpoint(path, name=None):
     """The checkpoint in `path`: a file, or a binary file object that messages call `name`."""
     name = path if name is None else name
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as error:
-        raise TrainError(f"cannot read checkpoint '{name}': {str(error).splitlines()[0]}") from None
+        with warnings.catch_warnings():  # torch's remarks on the pickle protocol of a file it then refuses
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\._weights_only_unpickler")
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as error:
+        raise TrainError(f"cannot read checkpoint '{name}': {error.strerror or error}") from None
+    except Exception as error:  # whatever bytes the file holds; torch's own advice would be to load it unsafely
+        raise TrainError(f"cannot read checkpoint '{name}': the file is corrupt or not a checkpoint (torch.load "
+                         f"with weights_only=True raised {type(error).__name__})") from None
     if not isinstance(checkpoint, dict) or not all(key in checkpoint for key in CHECKPOINT_KEYS):
         raise TrainError(f"'{name}' is not a checkpoint of ppo_continuous.py (it lacks the keys "
                          f"{', '.join(CHECKPOINT_KEYS)})")
@@ -380,6 +385,18 @@ def check_fits_env(checkpoint, path, env_id, env_info):
         raise TrainError(f"checkpoint '{path}' has observation/action sizes {checkpoint['obs_size']}/"
                          f"{checkpoint['action_size']}, but env '{env_id}' has {sizes[0]}/{sizes[1]}: give the "
                          f"--env-id (and --env-kwargs) it was trained on")
+
+
+def check_output_file(path, option):
+    """Raise TrainError before any work is done if `path` cannot be written as a file."""
+    path = Path(path)
+    if path.is_dir():
+        raise TrainError(f"{option} '{path}' is a folder: give a file name")
+    if not path.parent.is_dir():
+        raise TrainError(f"{option} '{path}': '{path.parent}' is not an existing folder: create it or give another "
+                         f"path")
+    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise TrainError(f"{option} '{path}' is not writable: give another path")
 
 
 def observation_stats(checkpoint):

@@ -119,9 +119,11 @@ def test_load_checkpoint_without_observation_normalisation_is_identity(indir):
 
 def test_load_checkpoint_raises_train_error_on_files_that_are_not_checkpoints(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    (tmp_path / "empty.pt").write_bytes(b"")
     torch.save({"agent": {}}, tmp_path / "partial.pt")
     torch.save([1, 2, 3], tmp_path / "list.pt")
-    for name, message in [("junk.pt", "cannot read checkpoint"), ("missing.pt", "cannot read checkpoint"),
+    for name, message in [("junk.pt", "the file is corrupt or not a checkpoint"), ("missing.pt", "No such file"),
+                          ("empty.pt", "the file is corrupt or not a checkpoint"),
                           ("partial.pt", "is not a checkpoint of ppo_continuous.py"),
                           ("list.pt", "is not a checkpoint of ppo_continuous.py")]:
         with pytest.raises(TrainError, match=message):

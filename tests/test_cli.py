@@ -257,6 +257,33 @@ def test_runs_started_in_the_same_second_get_their_own_folders(indir, monkeypatc
     assert not any((indir / "runs" / f"{first.name}-1").iterdir())  # the other run's folder was left alone
 
 
+def test_bad_checkpoint_files_and_outputs_are_one_line_before_any_work(indir):
+    pendulum = train(fast_args(total_timesteps=256))["run_dir"] / "final.pt"
+    cheetah = train(fast_args(env_id="HalfCheetah-v4", total_timesteps=256))["run_dir"] / "final.pt"
+    before = run_dirs(indir)
+    (indir / "empty.pt").write_bytes(b"")
+    (indir / "corrupt.pt").write_bytes(b"\x80\x04garbage that torch.load cannot read")
+    (indir / "a_file").write_text("a file, not a folder")
+    corrupt = "the file is corrupt or not a checkpoint"
+    for args, message in [
+        (["--eval-only", "empty.pt"], f"cannot read checkpoint 'empty.pt': {corrupt}"),
+        (["--eval-only", "corrupt.pt"], f"cannot read checkpoint 'corrupt.pt': {corrupt}"),
+        (["--resume", "corrupt.pt"], f"cannot read checkpoint 'corrupt.pt': {corrupt}"),
+        (["--compare", pendulum, "corrupt.pt"], f"cannot read checkpoint 'corrupt.pt': {corrupt}"),
+        (["--eval-only", cheetah, "--env-id", "Pendulum-v1"],
+         "has observation/action sizes 17/6, but env 'Pendulum-v1' has 3/1: give the --env-id"),
+        (["--eval-only", pendulum, "--eval-json", "a_file/score.json"], "'a_file' is not an existing folder"),
+        (["--eval-only", pendulum, "--eval-json", "."], "is a folder"),
+        ([*PENDULUM, "--eval-json", "score.json"], "--eval-json writes the scores of --eval-only or --compare"),
+    ]:
+        result = run_cli(*args, cwd=indir)
+        assert result.returncode == 2, (args, result.stderr)
+        line = one_line_error(result.stderr)
+        assert message in line and "weights_only=False" not in line, line
+        assert result.stdout == "", args  # refused before anything was evaluated or trained
+    assert run_dirs(indir) == before and not (indir / "score.json").exists()
+
+
 def test_a_checkpoint_that_does_not_fit_the_agent_is_one_line(indir, capsys):
     summary = train(fast_args(total_timesteps=256))
     checkpoint = torch.load(summary["run_dir"] / "final.pt", weights_only=True)
