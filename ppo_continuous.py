@@ -38,7 +38,7 @@ from ppo_support import (LOG_SQRT_2PI, CandidateSelection, Progress, TrainError,
                          global_state, grouped_cli, load_rms_state, make_vector_env, normalize_observation,
                          numpy_policy, observation_stats, open_registry, open_writer, paired_difference,
                          read_checkpoint, require_cpp_compiler, rms_state, say, signal_handlers, stop_signals,
-                         unique_run_dir, warn)
+                         unique_run_dir, warn, write_line)
 
 
 @dataclass
@@ -774,12 +774,12 @@ class Run:
     def finish(self, on_evaluation, interrupted):
         """Evaluate the last agent (unless interrupted, to stop at once), save final.pt with its own score,
         print where the run ended and return the summary."""
-        self.progress.close()
         stopped_early = self.selection.out_of_patience
         reason = ("interrupted" if interrupted else "early stop" if stopped_early
                   else "stopped by on_evaluation" if self.stopped_by_callback else "done")
         final = None if interrupted or self.counters["updates"] == 0 else self.evaluate_candidate(on_evaluation)
-        save_atomic(make_checkpoint(self, final), self.run_dir / "final.pt")
+        save_atomic(make_checkpoint(self, final), self.run_dir / "final.pt")  # before any output, which can fail
+        self.progress.close()
         say(f"{reason}: step {self.counters['global_step']}/{self.final_step}; evaluations took "
             f"{self.timing['eval_seconds']:.1f} s of {time.time() - self.start_time:.1f} s")
         for name, evaluation in (("best.pt", self.selection.best), ("final.pt", final)):
@@ -933,10 +933,10 @@ def main(argv=None):
             return 0
         summary = train(args)
     except TrainError as error:
-        print(f"error: {error}", file=sys.stderr)
+        write_line(sys.stderr, f"error: {error}")
         return 2
     except KeyboardInterrupt:  # a second Ctrl-C, or one before training started (while compiling, say)
-        print("interrupted: files already saved are intact (they are written atomically)", file=sys.stderr)
+        write_line(sys.stderr, "interrupted: files already saved are intact (they are written atomically)")
         return 130
     return 130 if summary["interrupted"] else 0
 

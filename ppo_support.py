@@ -495,16 +495,22 @@ class Progress:
             self.bar = None
 
 
-def say(message):
-    """Print a line; if the reader has gone (`| head`), keep training quietly instead of failing."""
+def write_line(stream, message):
+    """Print a line to `stream`; if its reader has gone (`| head`, or a `| tee` that Ctrl-C killed with the run),
+    go on quietly: a message never costs a checkpoint."""
     try:
-        print(message, flush=True)
-    except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        print(message, file=stream, flush=True)
+    except OSError:  # EPIPE, or EIO from a terminal that went away
+        with contextlib.suppress(OSError, ValueError):  # (a stream without a file descriptor: nothing to redirect)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+
+
+def say(message):
+    write_line(sys.stdout, message)
 
 
 def warn(message):
-    print(f"warning: {message}", file=sys.stderr, flush=True)
+    write_line(sys.stderr, f"warning: {message}")
 
 
 @contextlib.contextmanager

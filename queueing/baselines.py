@@ -11,6 +11,7 @@ slot, and copy i follows the trajectory of the single env seeded with `seed + i`
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import time
 from collections.abc import Callable
@@ -94,9 +95,23 @@ def priority_policy(instance, order: list[int]) -> Policy:
     return _priority_policy(network, lambda queues, connected: np.broadcast_to(-rank, queues.shape))
 
 
+def lbfs_policy(instance, rng: np.random.Generator | None = None) -> Policy:
+    """Last buffer first served: each server serves its eligible buffer with the highest index."""
+    network = _as_network(instance)
+    return priority_policy(network, list(range(network.num_buffers))[::-1])
+
+
+def fbfs_policy(instance, rng: np.random.Generator | None = None) -> Policy:
+    """First buffer first served: each server serves its eligible buffer with the lowest index."""
+    network = _as_network(instance)
+    return priority_policy(network, list(range(network.num_buffers)))
+
+
 # Factories: POLICIES[name](instance, rng) -> policy; only randomised policies use rng.
 POLICIES: dict[str, Callable[..., Policy]] = {
     "cmu": cmu_policy,
+    "lbfs": lbfs_policy,
+    "fbfs": fbfs_policy,
     "maxweight": maxweight_policy,
     "longest": longest_policy,
     "random": random_policy,
@@ -129,6 +144,54 @@ def make_policy(name: str, instance, rng: np.random.Generator | None = None, exa
         num_buffers = _as_network(instance).num_buffers
         return lambda observations: np.zeros((*observations.shape[:-1], num_buffers), dtype=np.float32)
     return POLICIES[name](instance, rng)
+
+
+def server_orders(order: list[int], network: Network) -> list[list[int]]:
+    """A global priority order split into each server's own order, highest priority first."""
+    return [[buffer for buffer in order if network.server_of_buffer[buffer] == server]
+            for server in range(len(network.server_membership))]
+
+
+def best_static_priority(instance, start_orders: list[list[int]], seed: int = 0, copies: int = 128,
+                         horizon: int = 40_000, max_passes: int = 3, log: Callable[[str], None] | None = None
+                         ) -> tuple[list[int], float]:
+    """The best static priority rule a coordinate search finds; returns the order (highest first) and its score.
+
+    Every candidate is simulated on the same seeds (common random numbers: copies of `seed + i`, `horizon` slots,
+    the first half discarded), so candidates are compared paired. The search starts from the best of
+    `start_orders` and then, server by server, tries every order of that server's buffers with the others fixed,
+    keeping the best; it stops after a pass that changes nothing (or `max_passes`). Deterministic given the seed.
+    """
+    from queueing.longrun import long_run
+
+    network = _as_network(instance)
+    scores: dict[tuple[int, ...], float] = {}
+
+    def score(order: list[int]) -> float:
+        key = tuple(order)
+        if key not in scores:
+            result = long_run(network, priority_policy(network, order), seed, copies, precision=1.0,
+                              first_horizon=horizon, max_horizon=horizon)
+            scores[key] = result.lta_return
+        return scores[key]
+
+    best = max(start_orders, key=score)
+    for _ in range(max_passes):
+        changed = False
+        for server in range(len(network.server_membership)):
+            per_server = server_orders(best, network)
+            candidates = []
+            for permutation in itertools.permutations(per_server[server]):
+                per_server[server] = list(permutation)
+                candidates.append([buffer for own in per_server for buffer in own])
+            candidate = max(candidates, key=score)
+            if score(candidate) > score(best):
+                best, changed = candidate, True
+                if log:
+                    log(f"server {server}: order {server_orders(best, network)[server]}, LTA return {score(best):.4f}")
+        if not changed:
+            break
+    return best, score(best)
 
 
 def student_t_quantile_975(degrees_of_freedom: int) -> float:

@@ -26,32 +26,42 @@ bounds), is below `TOLERANCE` times the gain:
   stationary distribution fills in far too much on these chains: 120M factor entries at 118k
   states.)
 
-The truncation level is raised by `TRUNCATION_GROWTH` until two successive levels give values
-that differ by less than `MAX_RELATIVE_CHANGE`; both are reported.
+The truncation level is raised by `TRUNCATION_GROWTH` until two successive levels give values that differ by
+less than a tolerance (`--tolerance`, default `MAX_RELATIVE_CHANGE` = 0.1%): "exact on a truncated chain, converged to
+the tolerance". That stop rule is a heuristic (blocking lowers the cost, so values rise towards the limit); both
+levels are reported. A policy's gap to the optimum is computed on the SAME truncated chain at every level (the policy
+is one of the stationary policies the optimum minimises over there, so the gap is never negative), and the change of
+the gap between the last two levels is reported as what the truncation leaves uncertain. Optima are cached per model
+and level (`cached_optimum`).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
 import itertools
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import scipy.sparse
+from filelock import FileLock, Timeout
 
 from queueing.baselines import make_policy, policy_names
 from queueing.env import Network, load_instance, observation, server_allocation
 
-MAX_RELATIVE_CHANGE = 0.005
+MAX_RELATIVE_CHANGE = 0.001
 TRUNCATION_GROWTH = 1.25
 # Refuse state spaces (queue states x connectivity patterns) above this: the solver would need
 # more than a few minutes or gigabytes of memory on a small machine.
-MAX_STATES = 1_000_000
+MAX_STATES = 1_500_000
 DEFAULT_START_TRUNCATION = 40
 # Relative width of the bracket on the gain at which relative value iteration stops.
 TOLERANCE = 1e-6
@@ -353,7 +363,7 @@ def solve_truncation(
 
 @dataclass(frozen=True)
 class Converged:
-    """A value at two truncation levels whose relative change is below MAX_RELATIVE_CHANGE."""
+    """A value at two successive truncation levels whose relative change is below the tolerance."""
 
     coarse: Solution
     fine: Solution
@@ -363,50 +373,183 @@ class Converged:
         return abs(self.fine.lta_return - self.coarse.lta_return) / max(abs(self.fine.lta_return), 1e-12)
 
 
-def solve_until_converged(network: Network, start_level: int, policy: Policy | None = None,
-                          max_states: int = MAX_STATES) -> Converged:
-    """Raises the truncation until the value changes by less than MAX_RELATIVE_CHANGE.
+def next_level(level: int) -> int:
+    return max(level + 1, round(level * TRUNCATION_GROWTH))
 
-    `policy` None: the optimum. Each level starts from the previous one's relative values.
-    ValueError if the state space would exceed `max_states` first.
+
+def _check_size(network: Network, level: int, max_states: int, reached: str) -> None:
+    size = space_size(network, level)
+    if size > max_states:
+        raise ValueError(
+            f"instance {network.name!r} is too large for the exact solver at this tolerance: truncation {level} needs "
+            f"{size:,} states (limit {max_states:,}){reached}"
+        )
+
+
+def solve_until_converged(network: Network, start_level: int, policy: Policy | None = None,
+                          max_states: int = MAX_STATES, tolerance: float = MAX_RELATIVE_CHANGE) -> Converged:
+    """Raises the truncation until the value changes by less than `tolerance` (relative) from one level to the next.
+
+    `policy` None: the optimum (cached, see `cached_optimum`). Each level starts from the previous one's relative
+    values. ValueError if the state space would exceed `max_states` first.
     """
     level, previous, warm_start = start_level, None, None
     while True:
-        size = space_size(network, level)
-        if size > max_states:
-            reached = "" if previous is None else (
-                f"; at truncation {previous.level} the LTA return was {previous.lta_return:.4f}")
-            raise ValueError(
-                f"instance {network.name!r} is too large for the exact solver: truncation {level} needs "
-                f"{size:,} states (limit {max_states:,}){reached}"
-            )
-        solution, warm_start = solve_truncation(network, level, policy, warm_start=warm_start)
+        reached = "" if previous is None else f"; at truncation {previous.level} the LTA return was {previous.lta_return:.4f}"
+        _check_size(network, level, max_states, reached)
+        if policy is None:
+            solution, warm_start = cached_optimum(network, level, warm_start)
+        else:
+            solution, warm_start = solve_truncation(network, level, policy, warm_start=warm_start)
         if previous is not None:
             converged = Converged(previous, solution)
-            if converged.relative_change < MAX_RELATIVE_CHANGE:
+            if converged.relative_change < tolerance:
                 return converged
-        previous, level = solution, max(level + 1, round(level * TRUNCATION_GROWTH))
+        previous, level = solution, next_level(level)
 
 
-def checkpoint_policy(path: str) -> tuple[Policy, str | dict, str]:
-    """A trained checkpoint's deterministic policy, the instance it was trained on, and the env's allocation rule."""
+@dataclass(frozen=True)
+class Gap:
+    """A policy and the optimum on the same truncated chain, at each level tried; the last two are converged."""
+
+    levels: list[tuple[Solution, Solution]]  # (optimum, policy) per level, coarse to fine
+
+    @property
+    def optimum(self) -> Solution:
+        return self.levels[-1][0]
+
+    @property
+    def policy(self) -> Solution:
+        return self.levels[-1][1]
+
+    @staticmethod
+    def relative_gap(optimum: Solution, policy: Solution) -> float:
+        """How much more the policy costs than the optimum, relative to the optimum (rewards are minus costs)."""
+        return (optimum.lta_return - policy.lta_return) / abs(optimum.lta_return)
+
+    @property
+    def gap(self) -> float:
+        return self.relative_gap(*self.levels[-1])
+
+    @property
+    def truncation_uncertainty(self) -> float:
+        """The change of the gap between the last two levels: what raising the truncation may still move."""
+        return abs(self.gap - self.relative_gap(*self.levels[-2]))
+
+
+def gap_until_converged(network: Network, start_level: int, policy: Policy, tolerance: float = MAX_RELATIVE_CHANGE,
+                        max_states: int = MAX_STATES) -> Gap:
+    """The policy and the optimum on the same truncated chains, raising the level until both change by < tolerance.
+
+    On one truncated chain the policy is one of the stationary policies the optimum is taken over, so its cost is
+    never below the optimum's (up to the value iteration's `TOLERANCE`): the gap cannot go negative.
+    """
+    level, levels, warm_start, optimum_warm_start = start_level, [], None, None
+    while True:
+        reached = "" if not levels else f"; at truncation {levels[-1][0].level} the gap was {Gap(levels).gap:+.3%}"
+        _check_size(network, level, max_states, reached)
+        policy_solution, warm_start = solve_truncation(network, level, policy, warm_start=warm_start)
+        optimum, optimum_warm_start = cached_optimum(network, level, optimum_warm_start)
+        levels.append((optimum, policy_solution))
+        if len(levels) >= 2 and all(
+            Converged(coarse, fine).relative_change < tolerance for coarse, fine in zip(levels[-2], levels[-1])
+        ):
+            return Gap(levels)
+        level = next_level(level)
+
+
+def _cache_file() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(root) / "ppo_continuous" / "exact_optima.json"
+
+
+def _cache_key(network: Network, level: int) -> str:
+    """The model, not its name: the instance's numbers (description left out) and the value iteration's settings."""
+    model = {key: value for key, value in network.definition.items() if key not in ("name", "description")}
+    text = json.dumps({"model": model, "level": level, "tolerance": TOLERANCE}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def cached_optimum(network: Network, level: int, warm_start: Callable[[StateSpace], np.ndarray] | None = None
+                   ) -> tuple[Solution, Callable[[StateSpace], np.ndarray] | None]:
+    """The optimum on the truncation at `level`, computed once per model and level on this machine.
+
+    Kept in ~/.cache/ppo_continuous/exact_optima.json (or under $XDG_CACHE_HOME), keyed by the instance's numbers,
+    the level and the value iteration's tolerance, so reports and checkpoints of one instance share it. Returns the
+    solution and, when it was computed here, its warm start for a finer level (None from the cache).
+    """
+    path = _cache_file()
+    key = _cache_key(network, level)
+    try:
+        stored = json.loads(path.read_text()).get(key)
+    except (OSError, ValueError, AttributeError):
+        stored = None
+    if isinstance(stored, dict):
+        try:
+            return Solution(**stored), None
+        except TypeError:
+            pass
+    solution, bias_on = solve_truncation(network, level, warm_start=warm_start)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(path) + ".lock", timeout=60):
+            try:
+                cache = json.loads(path.read_text())
+            except (OSError, ValueError):
+                cache = {}
+            cache = cache if isinstance(cache, dict) else {}
+            cache[key] = dataclasses.asdict(solution)
+            temporary = path.with_suffix(".tmp")
+            temporary.write_text(json.dumps(cache, indent=1))
+            os.replace(temporary, path)
+    except (OSError, Timeout):
+        pass  # a cache that cannot be written only costs time
+    return solution, bias_on
+
+
+def checkpoint_policy(path: str) -> tuple[Policy, dict | str, str]:
+    """A trained checkpoint's deterministic policy, the instance it was trained on, and the env's allocation rule.
+
+    The instance comes from the checkpoint's own copy of the problem (`problem_definition`), so it is found from any
+    directory; older checkpoints name it in their env kwargs (a shipped name, or a path relative to where they ran).
+    """
+    import pickle
+
     import torch
 
     from ppo_continuous import load_checkpoint
 
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
-        env_kwargs = json.loads(saved["args"]["env_kwargs"])
-        instance, allocation = env_kwargs["instance"], env_kwargs.get("allocation", "proportional")
-    except (OSError, RuntimeError, EOFError, KeyError, TypeError, ValueError) as error:
-        raise ValueError(f"cannot read a queueing instance from checkpoint '{path}': {error}") from None
+    except FileNotFoundError:
+        raise ValueError(f"checkpoint '{path}': no such file") from None
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, ValueError, IndexError):
+        raise ValueError(f"'{path}' is not a readable checkpoint (corrupt, empty or another kind of file)") from None
+    definition = saved.get("problem_definition") if isinstance(saved, dict) else None
+    if definition is None:
+        try:
+            definition = json.loads(saved["args"]["env_kwargs"])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"'{path}' is not a ppo_continuous.py checkpoint") from None
+    if not isinstance(definition, dict) or "instance" not in definition:
+        env_id = saved.get("args", {}).get("env_id", "?") if isinstance(saved.get("args"), dict) else "?"
+        raise ValueError(f"checkpoint '{path}' was trained on {env_id}, not on a queueing instance (--env-kwargs had no \"instance\")")
     agent, normalize_obs = load_checkpoint(path)
 
     def policy(observations: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
             return agent.get_deterministic_action(normalize_obs(observations)).numpy()
 
-    return policy, instance, allocation
+    return policy, definition["instance"], definition.get("allocation", "proportional")
+
+
+def format_levels(gap: Gap) -> str:
+    """One line per truncation level: states, optimum, policy, gap."""
+    lines = []
+    for optimum, policy in gap.levels:
+        lines.append(f"  truncation {optimum.level:>4}: {optimum.states:>9,} states  optimum {-optimum.lta_return:.5f}  "
+                     f"policy {-policy.lta_return:.5f}  gap {Gap.relative_gap(optimum, policy):+.4%}")
+    return "\n".join(lines)
 
 
 class _OneLineErrorParser(argparse.ArgumentParser):
@@ -417,20 +560,26 @@ class _OneLineErrorParser(argparse.ArgumentParser):
 def main(argv: list[str] | None = None) -> None:
     parser = _OneLineErrorParser(
         prog="python -m queueing.exact",
-        description="Exact LTA return (optimal, of a classical policy, or of a checkpoint) on a truncated state space.",
+        description="Exact LTA return (optimal, of a classical policy, or of a checkpoint, with its gap to the optimum on the "
+                    "same truncated chain), on truncations raised until the values settle.",
     )
     parser.add_argument("--instance", help="instance name or JSON file (default: the checkpoint's, else single-server-2class)")
     parser.add_argument("--policy", help=f"a classical policy: {', '.join(policy_names())}; default: the optimum")
     parser.add_argument("--checkpoint", help="a ppo_continuous.py checkpoint: its deterministic policy")
     parser.add_argument("--truncation", type=int, default=DEFAULT_START_TRUNCATION,
-                        help="first truncation level tried (max jobs per buffer); raised until the value settles")
+                        help="first truncation level tried (max jobs in the network); raised until the values settle")
+    parser.add_argument("--tolerance", type=float, default=MAX_RELATIVE_CHANGE,
+                        help="stop when raising the truncation changes every value by less than this (relative)")
+    parser.add_argument("--max-states", type=int, default=MAX_STATES, help="refuse truncations with more states than this")
     args = parser.parse_args(argv)
     if args.policy and args.checkpoint:
         parser.error("give --policy or --checkpoint, not both")
     if args.truncation < 1:
         parser.error(f"--truncation must be a positive integer, got {args.truncation}")
+    if not 0 < args.tolerance < 1:
+        parser.error(f"--tolerance must be in (0, 1), got {args.tolerance}")
     try:
-        policy, what = None, "optimal"
+        policy, what = None, "optimum"
         instance, allocation = args.instance or "single-server-2class", None
         if args.checkpoint:
             policy, checkpoint_instance, allocation = checkpoint_policy(args.checkpoint)
@@ -440,15 +589,23 @@ def main(argv: list[str] | None = None) -> None:
         network = Network.from_instance(instance, allocation)
         if args.policy:
             policy, what = make_policy(args.policy, network, exact=True), f"policy {args.policy}"
-        result = solve_until_converged(network, args.truncation, policy)
+        if policy is None:
+            result = solve_until_converged(network, args.truncation, tolerance=args.tolerance, max_states=args.max_states)
+        else:
+            gap = gap_until_converged(network, args.truncation, policy, args.tolerance, args.max_states)
     except ValueError as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
-    fine, coarse = result.fine, result.coarse
-    print(
-        f"instance {network.name}, {what}: exact LTA return {fine.lta_return:.4f} at truncation {fine.level} "
-        f"({fine.states:,} states, {fine.seconds:.1f} s); at truncation {coarse.level}: {coarse.lta_return:.4f}, "
-        f"relative change {result.relative_change:.2e} < {MAX_RELATIVE_CHANGE}"
-    )
+    settled = f"exact on the truncated chain, converged to {args.tolerance:.2%} (the change from the level before)"
+    if policy is None:
+        fine, coarse = result.fine, result.coarse
+        print(f"instance {network.name}, optimum: exact LTA return {fine.lta_return:.4f} at truncation {fine.level} "
+              f"({fine.states:,} states); at truncation {coarse.level}: {coarse.lta_return:.4f}, relative change "
+              f"{result.relative_change:.2e}; {settled}")
+        return
+    print(f"instance {network.name}, {what}: exact LTA return {gap.policy.lta_return:.4f}, optimum "
+          f"{gap.optimum.lta_return:.4f}, gap {gap.gap:+.3%} +- {gap.truncation_uncertainty:.3%} (truncation) at "
+          f"truncation {gap.policy.level}; both on the same truncated chain, {settled}")
+    print(format_levels(gap))
 
 
 if __name__ == "__main__":

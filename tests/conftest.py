@@ -63,3 +63,15 @@ def indir(tmp_path, monkeypatch):
     """A fresh working directory for in-process runs (they write runs/ relative to it)."""
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+@pytest.fixture(autouse=True, scope="session")
+def exact_cache(tmp_path_factory):
+    """The exact solver's cache of optima lives under $XDG_CACHE_HOME: a fresh one for the tests, never the user's."""
+    previous = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("cache"))
+    yield Path(os.environ["XDG_CACHE_HOME"])
+    if previous is None:
+        os.environ.pop("XDG_CACHE_HOME")
+    else:
+        os.environ["XDG_CACHE_HOME"] = previous

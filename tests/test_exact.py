@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from queueing.baselines import evaluate_policy, make_policy
-from queueing.env import Network
+from queueing.env import Network, load_instance
 from queueing.exact import StateSpace, TransitionModel, slot_outcomes, solve_truncation, solve_until_converged
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -141,11 +141,35 @@ def run_exact(*arguments, timeout=120):
                           capture_output=True, text=True, timeout=timeout)
 
 
-def test_cli_prints_value_truncation_and_relative_change():
-    result = run_exact("--instance", "single-server-2class", "--policy", "cmu")
+def test_cli_prints_value_gap_and_every_truncation_level():
+    result = run_exact("--instance", "single-server-2class", "--policy", "longest", "--tolerance", "0.001")
     assert result.returncode == 0, result.stderr
-    assert "exact LTA return -2.683" in result.stdout and "at truncation" in result.stdout
-    assert "relative change" in result.stdout
+    headline, *levels = result.stdout.strip().splitlines()
+    value = float(headline.split("exact LTA return ")[1].split(",")[0])
+    optimum = float(headline.split("optimum ")[1].split(",")[0])
+    gap = float(headline.split("gap +")[1].split("%")[0]) / 100
+    assert optimum == pytest.approx(-2.6833, abs=2e-4)
+    assert gap == pytest.approx((optimum - value) / abs(optimum), abs=1e-4)
+    assert "same truncated chain" in headline and "converged to 0.10%" in headline
+    assert len(levels) >= 2 and all("truncation" in line and "gap" in line for line in levels)
+    result = run_exact("--instance", "single-server-2class")
+    assert result.returncode == 0 and "optimum: exact LTA return -2.683" in result.stdout
+
+
+def test_cli_refuses_files_that_are_not_queueing_checkpoints(tmp_path):
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint at all")
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    import torch
+
+    torch.save({"args": {"env_id": "Pendulum-v1", "env_kwargs": "{}"}, "agent": {}}, tmp_path / "pendulum.pt")
+    for path, message in ((garbage, "not a readable checkpoint"), (empty, "not a readable checkpoint"),
+                          (tmp_path / "pendulum.pt", "trained on Pendulum-v1, not on a queueing instance")):
+        result = run_exact("--checkpoint", str(path))
+        assert result.returncode == 2, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+        assert message in result.stderr
 
 
 @pytest.mark.parametrize(
@@ -184,12 +208,12 @@ def test_checkpoint_exact_value_matches_a_simulation_of_its_policy(tmp_path, all
     checkpoint = next(tmp_path.glob("runs/*/final.pt"))
     result = run_exact("--checkpoint", str(checkpoint), "--truncation", "25", timeout=300)
     assert result.returncode == 0, result.stderr
-    exact = float(result.stdout.split("exact LTA return ")[1].split()[0])
+    exact = float(result.stdout.split("exact LTA return ")[1].split(",")[0])
 
     from queueing.exact import checkpoint_policy
 
     policy, trained_instance, trained_allocation = checkpoint_policy(str(checkpoint))
-    assert (trained_instance, trained_allocation) == (str(instance_path), allocation)
+    assert load_instance(trained_instance) == load_instance(instance) and trained_allocation == allocation
     network = Network.from_instance(trained_instance, allocation)
     simulated, half_width = evaluate_policy(network, policy, steps=100_000, seed=3, num_copies=32)
     assert abs(simulated - exact) <= 1.5 * half_width
@@ -205,7 +229,7 @@ def test_checkpoint_exact_value_matches_a_simulation_of_its_policy(tmp_path, all
     saved["agent"][f"{last_layer}.bias"].copy_(torch.tensor([0.6, 0.4]))
     torch.save(saved, tmp_path / "constant.pt")
     result = run_exact("--checkpoint", str(tmp_path / "constant.pt"), "--truncation", "25", timeout=300)
-    constant = float(result.stdout.split("exact LTA return ")[1].split()[0])
+    constant = float(result.stdout.split("exact LTA return ")[1].split(",")[0])
     cmu = solve_until_converged(network, 25, make_policy("cmu", network, exact=True)).fine.lta_return
     if allocation == "priority":
         assert constant == pytest.approx(cmu, abs=1e-4)

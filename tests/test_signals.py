@@ -1,6 +1,7 @@
 """Stopping a run (SIGTERM, Ctrl-C, twice) through the real process, and train() as a library function that
 leaves the process's global state as it found it."""
 
+import contextlib
 import os
 import pty
 import random
@@ -136,6 +137,32 @@ def test_sigterm_to_the_process_group_with_async_envs_saves_and_exits_130(workdi
     time.sleep(0.5)
     with pytest.raises(ProcessLookupError):  # no env worker left behind
         os.killpg(cli.process.pid, 0)
+
+
+def test_ctrl_c_through_a_pipe_whose_reader_dies_still_saves_the_run(workdir):
+    """`python ppo_continuous.py ... 2>&1 | tee run.log` and Ctrl-C: tee dies too, and every later write to the
+    pipe fails. The run must still stop cleanly and save final.pt."""
+    reader, writer = os.pipe()
+    process = subprocess.Popen([sys.executable, str(SCRIPT), "--env-id", "Pendulum-v1", *map(str, FAST),
+                                *map(str, FAST_EVAL), "--total-timesteps", "10000000", "--save-latest-every", "1"],
+                               cwd=workdir, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=writer, stderr=writer,
+                               start_new_session=True)
+    os.close(writer)
+    try:
+        deadline = time.monotonic() + 180
+        while not list(workdir.glob("runs/*/latest.pt")):  # training: a rollout is done
+            assert process.poll() is None and time.monotonic() < deadline, os.read(reader, 1 << 20).decode()
+            time.sleep(0.05)
+        os.close(reader)  # the reader dies first, as tee does when the terminal's Ctrl-C reaches it
+        os.killpg(process.pid, signal.SIGINT)
+        code = process.wait(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+    assert code == 130  # not 141 (SIGPIPE), not 1 (a BrokenPipeError)
+    (run_dir,) = run_dirs(workdir)
+    final = torch.load(run_dir / "final.pt", weights_only=True)
+    assert 0 < final["global_step"] < 10_000_000 and final["score"] is None
 
 
 def test_ctrl_c_stops_a_long_learning_phase_within_seconds(workdir):

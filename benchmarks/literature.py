@@ -1,0 +1,330 @@
+"""The field's benchmark tables: Dai & Gluzman's criss-cross regimes and extended re-entrant lines, ours beside theirs.
+
+    python benchmarks/literature.py                                   # what is missing, then the table and the plot
+    python benchmarks/literature.py --report                          # the table and the plot from stored results
+    python benchmarks/literature.py --instance reentrant-2 --seeds 11 12   # just these PPO runs, printed
+
+Instances (queueing/families.py): criss-cross-{il,bl,im,bm,ih,bh} and reentrant-{2..7} (6..21 classes).
+What it computes, and how:
+- criss-cross optima: `queueing.exact` (relative value iteration), the truncation raised until the value changes by
+  less than 0.05% from one level to the next; every level is recorded.
+- the classical rules (c-mu, MaxWeight, LBFS = highest class index first as in D&G, FBFS) and the best static priority
+  a coordinate search finds (`queueing.baselines.best_static_priority`): on criss-cross exactly, on the same truncated
+  chains as the optimum; on the re-entrant lines by `queueing.longrun` (independent replications from empty, first
+  half of each discarded, horizon doubled until the 95% CI is within 1% of the value).
+- PPO: trains each (instance, seed) through the trainer's CLI with `RECOMMENDED` settings for its family, then scores
+  the run's best.pt like the classical rules (exact gap on criss-cross; long-run cost on the re-entrant lines).
+Results are kept in benchmarks/results/literature.json (run folders under --workdir, default runs/literature/), so
+a second call only computes what is missing; the report is benchmarks/results/literature.md and literature.png.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from queueing import exact  # noqa: E402
+from queueing.baselines import best_static_priority, make_policy, priority_policy, server_orders  # noqa: E402
+from queueing.env import Network  # noqa: E402
+from queueing.families import CRISS_CROSS_REGIMES, REENTRANT_STATIONS  # noqa: E402
+from queueing.longrun import long_run  # noqa: E402
+
+RESULTS = REPO / "benchmarks" / "results"
+STORE = RESULTS / "literature.json"
+CRISS_CROSS = [f"criss-cross-{regime}" for regime in CRISS_CROSS_REGIMES]
+REENTRANT = [f"reentrant-{stations}" for stations in REENTRANT_STATIONS]
+EXACT_TOLERANCE = 0.0005
+LONG_RUN_PRECISION = 0.01
+CLASSICAL = ["cmu", "maxweight", "lbfs", "fbfs"]
+DG = "Dai & Gluzman (Stochastic Systems 2022, arXiv 2008.01644)"
+# Published values (cost per unit time). D&G criss-cross "DP" and PPO; D&G extended re-entrant PPO (95% CI), best
+# robust fluid policy (RFP) and LBFS; QGym's work-conserving PPO (100 runs from empty, no warm-up: reads low).
+PUBLISHED = {
+    "criss-cross-il": {"dp": 0.671, "ppo": 0.671, "ppo_hw": 0.001},
+    "criss-cross-bl": {"dp": 0.843, "ppo": 0.844, "ppo_hw": 0.004},
+    "criss-cross-im": {"dp": 2.084, "ppo": 2.084, "ppo_hw": 0.011},
+    "criss-cross-bm": {"dp": 2.829, "ppo": 2.833, "ppo_hw": 0.010},
+    "criss-cross-ih": {"dp": 9.970, "ppo": 10.014, "ppo_hw": 0.055},
+    "criss-cross-bh": {"dp": 15.228, "ppo": 15.353, "ppo_hw": 0.138, "qgym_ppo": 15.4},
+    "reentrant-2": {"ppo": 14.130, "ppo_hw": 0.208, "rfp": 15.286, "lbfs": 15.749, "qgym_ppo": 13.6},
+    "reentrant-3": {"ppo": 23.269, "ppo_hw": 0.251, "rfp": 24.917, "lbfs": 25.257, "qgym_ppo": 22.6},
+    "reentrant-4": {"ppo": 32.171, "ppo_hw": 0.556, "rfp": 36.857, "lbfs": 34.660, "qgym_ppo": 29.7},
+    "reentrant-5": {"ppo": 39.300, "ppo_hw": 0.612, "rfp": 43.628, "lbfs": 45.110, "qgym_ppo": 38.7},
+    "reentrant-6": {"ppo": 51.472, "ppo_hw": 0.973, "rfp": 52.980, "lbfs": 55.724},
+    "reentrant-7": {"ppo": 55.124, "ppo_hw": 1.807, "rfp": 59.051, "lbfs": 65.980},
+}
+# The trainer's settings per family (README, "The literature's networks"); the env uses the priority rule.
+RECOMMENDED = {
+    "criss-cross": ["--num-envs", "64", "--num-steps", "256", "--num-minibatches", "16", "--reset-steps", "5000",
+                    "--average-reward", "--total-timesteps", "20000000"],
+    "reentrant": ["--num-envs", "64", "--num-steps", "256", "--num-minibatches", "16", "--reset-steps", "5000",
+                  "--average-reward", "--total-timesteps", "50000000",
+                  "--eval-episodes", "64", "--eval-warmup", "20000", "--eval-horizon", "40000"],
+}
+
+
+def default_seeds(instance):
+    return [1, 2] if instance in REENTRANT[3:] else [1, 2, 3]
+
+
+def family(instance):
+    return "criss-cross" if instance.startswith("criss-cross") else "reentrant"
+
+
+def load_store():
+    return json.loads(STORE.read_text()) if STORE.is_file() else {}
+
+
+def save_store(store):
+    temporary = STORE.with_suffix(".tmp")
+    temporary.write_text(json.dumps(store, indent=1, sort_keys=True) + "\n")
+    os.replace(temporary, STORE)
+
+
+def optimum_levels(instance):
+    """The criss-cross optimum at each truncation level until it changes by < EXACT_TOLERANCE: [[level, states, cost]]."""
+    network, levels, level, warm_start = Network.from_instance(instance), [], exact.DEFAULT_START_TRUNCATION, None
+    while True:
+        solution, warm_start = exact.cached_optimum(network, level, warm_start)
+        levels.append([level, solution.states, -solution.lta_return])
+        if len(levels) >= 2 and abs(levels[-1][2] - levels[-2][2]) < EXACT_TOLERANCE * levels[-1][2]:
+            return levels
+        level = exact.next_level(level)
+
+
+def score_policy(instance, policy, network=None):
+    """{cost, half_width, how}: exact (same truncated chain as the optimum) on criss-cross, long-run elsewhere."""
+    network = network or Network.from_instance(instance)
+    if family(instance) == "criss-cross":
+        gap = exact.gap_until_converged(network, exact.DEFAULT_START_TRUNCATION, policy, EXACT_TOLERANCE)
+        return {"cost": -gap.policy.lta_return, "gap": gap.gap, "truncation": gap.policy.level,
+                "truncation_uncertainty": gap.truncation_uncertainty, "how": "exact"}
+    result = long_run(network, policy, seed=0, precision=LONG_RUN_PRECISION)
+    return {"cost": -result.lta_return, "half_width": result.half_width, "copies": result.copies,
+            "horizon": result.horizon, "stationary": result.stationary, "how": "long-run"}
+
+
+def classical_rules(instance, log):
+    network, rows = Network.from_instance(instance), {}
+    for name in CLASSICAL:
+        rows[name] = score_policy(instance, make_policy(name, network, exact=family(instance) == "criss-cross"), network)
+        log(f"{instance} {name}: {rows[name]['cost']:.4f}")
+    starts = [list(range(network.num_buffers))[::-1], list(range(network.num_buffers)),
+              sorted(range(network.num_buffers), key=lambda k: -network.service_rates[k])]
+    order, _ = best_static_priority(network, starts, log=lambda text: log(f"{instance} static search: {text}"))
+    rows["best_static"] = score_policy(instance, priority_policy(network, order), network)
+    rows["best_static"]["order"] = server_orders(order, network)
+    log(f"{instance} best static priority {rows['best_static']['order']}: {rows['best_static']['cost']:.4f}")
+    return rows
+
+
+def train(instance, seed, workdir, extra):
+    """One PPO run through the CLI; returns its best.pt and wall seconds."""
+    run_root = Path(workdir) / instance / f"seed{seed}"
+    run_root.mkdir(parents=True, exist_ok=True)
+    kwargs = json.dumps({"instance": instance, "allocation": "priority"})
+    command = [sys.executable, str(REPO / "ppo_continuous.py"), "--env-id", "queueing:QueueNetwork-v0",
+               "--env-kwargs", kwargs, "--seed", str(seed), "--lower-is-better", "--compile", "--num-threads", "1",
+               *RECOMMENDED[family(instance)], *extra]
+    start = time.monotonic()
+    with open(run_root / "train.log", "w") as log:
+        result = subprocess.run(command, cwd=run_root, stdout=log, stderr=subprocess.STDOUT)
+    if result.returncode != 0:
+        raise RuntimeError(f"training {instance} seed {seed} failed (log: {run_root / 'train.log'})")
+    best = max(run_root.glob("runs/*/best.pt"), key=lambda path: path.stat().st_mtime)
+    return best, time.monotonic() - start
+
+
+def evaluated_curve(run_dir):
+    """[[step, evaluated cost]] from the run's TensorBoard events (the trainer's short evaluation protocol)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    accumulator.Reload()
+    if "eval/LTA_return" not in accumulator.Tags()["scalars"]:
+        return []
+    return [[event.step, -event.value] for event in accumulator.Scalars("eval/LTA_return")]
+
+
+def ppo_run(instance, seed, workdir, extra, log):
+    import torch
+
+    from queueing.longrun import checkpoint_policy
+
+    best, wall = train(instance, seed, workdir, extra)
+    policy, network = checkpoint_policy(str(best))
+    row = score_policy(instance, policy, network)
+    saved = torch.load(best, map_location="cpu", weights_only=True)
+    row.update(checkpoint=str(best), best_step=int(saved["global_step"]), wall_seconds=round(wall),
+               settings=" ".join(RECOMMENDED[family(instance)] + extra), curve=evaluated_curve(best.parent))
+    log(f"{instance} seed {seed}: best.pt {best}: cost {row['cost']:.4f}" +
+        (f" +- {row['half_width']:.4f}" if "half_width" in row else f" (exact, gap {row['gap']:+.3%})"))
+    return row
+
+
+def median(values):
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
+def cost_text(row):
+    if row is None:
+        return "–"
+    if row["how"] == "exact":
+        return f"{row['cost']:.3f}"
+    return f"{row['cost']:.3f} ± {row['half_width']:.3f}" + ("" if row.get("stationary", True) else " (drift)")
+
+
+def write_report(store):
+    lines = [
+        "# The literature's queueing benchmarks: published values and ours",
+        "",
+        "Written by `python benchmarks/literature.py`. Costs per unit time (holding cost 1 per job). Published: "
+        f"{DG}; QGym (Chen et al., NeurIPS 2024 D&B) scores 100 runs started empty with no warm-up, which reads low.",
+        "Ours: exact = relative value iteration on a truncated chain, truncation raised until the value moves by "
+        f"< {EXACT_TOLERANCE:.2%}; a policy's exact cost is on the same truncated chains as the optimum (gap >= 0). "
+        "Long-run = independent replications started empty, first half of each discarded, horizon doubled until the "
+        f"95% CI is within {LONG_RUN_PRECISION:.0%} (± is that half-width). PPO = the median over seeds of its best.pt.",
+        "",
+        "## Criss-cross",
+        "",
+        "| regime | D&G DP | ours: optimum (levels) | D&G PPO | ours: PPO best.pt, median (seeds) | gap | c-mu | best static |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for instance in CRISS_CROSS:
+        published = PUBLISHED[instance]
+        levels = store.get("optima", {}).get(instance)
+        optimum = f"{levels[-1][2]:.4f} (L={levels[-2][0]}: {levels[-2][2]:.4f}, L={levels[-1][0]})" if levels else "–"
+        runs = store.get("ppo", {}).get(instance, {})
+        ppo = median([run["cost"] for run in runs.values()]) if runs else None
+        gap = median([run["gap"] for run in runs.values()]) if runs else None
+        seeds = ", ".join(f"{run['cost']:.3f}" for _, run in sorted(runs.items()))
+        rules = store.get("classical", {}).get(instance, {})
+        lines.append(
+            f"| {instance[-2:].upper()} | {published['dp']} | {optimum} | {published['ppo']} ± {published['ppo_hw']} | "
+            + (f"{ppo:.4f} ({seeds})" if runs else "–") + " | " + (f"{gap:+.2%}" if runs else "–") + " | "
+            + cost_text(rules.get("cmu")) + " | " + cost_text(rules.get("best_static")) + " |")
+    lines += [
+        "",
+        "## Extended re-entrant lines",
+        "",
+        "| classes | D&G PPO | D&G best RFP | D&G LBFS | QGym PPO | ours: PPO best.pt, median (seeds) | ours: best static priority | LBFS | FBFS | c-mu | MaxWeight |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for instance in REENTRANT:
+        published = PUBLISHED[instance]
+        runs = store.get("ppo", {}).get(instance, {})
+        ppo = "–"
+        if runs:
+            ppo = f"{median([run['cost'] for run in runs.values()]):.3f} (" + ", ".join(
+                f"{run['cost']:.2f} ± {run['half_width']:.2f} @ {run['best_step'] / 1e6:.0f}M" for _, run in sorted(runs.items())) + ")"
+        rules = store.get("classical", {}).get(instance, {})
+        lines.append(
+            f"| {3 * int(instance.split('-')[1])} | {published['ppo']} ± {published['ppo_hw']} | {published['rfp']} | "
+            f"{published['lbfs']} | {published.get('qgym_ppo', '–')} | {ppo} | {cost_text(rules.get('best_static'))} | "
+            f"{cost_text(rules.get('lbfs'))} | {cost_text(rules.get('fbfs'))} | {cost_text(rules.get('cmu'))} | "
+            f"{cost_text(rules.get('maxweight'))} |")
+    lines += ["", "## Best static priorities found", ""]
+    for instance in CRISS_CROSS + REENTRANT:
+        static = store.get("classical", {}).get(instance, {}).get("best_static")
+        if static:
+            lines.append(f"- {instance}: per server, highest priority first (buffers from 0): {static['order']}")
+    lines += ["", "## PPO runs", "", "| instance | seed | best.pt cost | steps of best.pt | wall | settings |", "|---|---|---|---|---|---|"]
+    for instance, runs in sorted(store.get("ppo", {}).items()):
+        for seed, run in sorted(runs.items()):
+            lines.append(f"| {instance} | {seed} | {cost_text(run)} | {run['best_step']:,} | {run['wall_seconds'] / 60:.0f} min "
+                         f"| `{run['settings']}` |")
+    (RESULTS / "literature.md").write_text("\n".join(lines) + "\n")
+    draw(store)
+
+
+def draw(store):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, grid = plt.subplots(2, 3, figsize=(13, 7.5))
+    for axes, instance in zip(grid.flat, REENTRANT):
+        for seed, run in sorted(store.get("ppo", {}).get(instance, {}).items()):
+            steps, costs = zip(*run["curve"]) if run["curve"] else ((), ())
+            axes.plot([step / 1e6 for step in steps], costs, marker=".", linewidth=1, label=f"PPO seed {seed} (training evaluation)")
+        published = PUBLISHED[instance]
+        axes.axhline(published["ppo"], color="black", linestyle="--", linewidth=1, label="D&G PPO (5e8 steps)")
+        static = store.get("classical", {}).get(instance, {}).get("best_static")
+        if static:
+            axes.axhline(static["cost"], color="tab:red", linestyle=":", linewidth=1.2, label="best static priority")
+        axes.set_title(f"{instance} ({3 * int(instance.split('-')[1])} classes)")
+        axes.set_xlabel("environment steps (millions)")
+        axes.set_ylabel("cost per unit time")
+        axes.grid(alpha=0.3)
+        low = published["ppo"] * 0.85
+        axes.set_ylim(low, published["ppo"] * 1.3)
+    handles, labels = grid.flat[0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="lower center", ncol=4, frameon=False)
+    figure.suptitle("PPO on the extended re-entrant lines: the trainer's periodic evaluation (short protocol, noisy) "
+                    "against steps", fontsize=11)
+    figure.tight_layout(rect=(0, 0.05, 1, 0.96))
+    figure.savefig(RESULTS / "literature.png", dpi=100)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--instance", nargs="+", default=None, help="only these instances (default: all twelve)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=None,
+                        help="train just these seeds and print their results (not stored)")
+    parser.add_argument("--report", action="store_true", help="only write the table and the plot from stored results")
+    parser.add_argument("--skip-ppo", action="store_true", help="optima and classical rules only")
+    parser.add_argument("--parallel", type=int, default=2, help="trainings at once (one core each)")
+    parser.add_argument("--workdir", default=str(REPO / "runs" / "literature"), help="where run folders go")
+    parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="further trainer options (must come last)")
+    options = parser.parse_args()
+    instances = options.instance or CRISS_CROSS + REENTRANT
+    unknown = sorted(set(instances) - set(CRISS_CROSS + REENTRANT))
+    if unknown:
+        parser.error(f"unknown instance {unknown[0]}; instances: {', '.join(CRISS_CROSS + REENTRANT)}")
+
+    def log(text):
+        print(text, flush=True)
+
+    if options.seeds:
+        with ThreadPoolExecutor(options.parallel) as pool:
+            jobs = [(instance, seed, pool.submit(ppo_run, instance, seed, options.workdir, options.extra, log))
+                    for instance in instances for seed in options.seeds]
+            for instance, seed, job in jobs:
+                row = job.result()
+                log(f"{instance} seed {seed}: {row['checkpoint']}  {cost_text(row)}")
+        return
+    store = load_store()
+    if not options.report:
+        for instance in instances:
+            if instance in CRISS_CROSS and instance not in store.setdefault("optima", {}):
+                store["optima"][instance] = optimum_levels(instance)
+                save_store(store)
+                log(f"{instance} optimum: " + ", ".join(f"L={level}: {cost:.5f}" for level, _, cost in store["optima"][instance]))
+            if instance not in store.setdefault("classical", {}):
+                store["classical"][instance] = classical_rules(instance, log)
+                save_store(store)
+        if not options.skip_ppo:
+            with ThreadPoolExecutor(options.parallel) as pool:
+                missing = [(instance, seed) for instance in instances for seed in default_seeds(instance)
+                           if str(seed) not in store.setdefault("ppo", {}).get(instance, {})]
+                jobs = [(instance, seed, pool.submit(ppo_run, instance, seed, options.workdir, options.extra, log))
+                        for instance, seed in missing]
+                for instance, seed, job in jobs:
+                    store["ppo"].setdefault(instance, {})[str(seed)] = job.result()
+                    save_store(store)
+    write_report(store)
+    log(f"wrote {RESULTS / 'literature.md'} and {RESULTS / 'literature.png'}")
+
+
+if __name__ == "__main__":
+    main()

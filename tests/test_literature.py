@@ -1,0 +1,129 @@
+"""The literature's networks (queueing/families.py), the exact solver against published optima, the long-run
+estimator against exact values, and the best static priority search."""
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+
+from queueing import exact
+from queueing.baselines import best_static_priority, make_policy, priority_policy
+from queueing.env import INSTANCES_DIR, Network, load_instance
+from queueing.families import criss_cross, instance_json, literature_instances, reentrant
+from queueing.longrun import long_run
+
+
+def station_loads(instance: dict) -> np.ndarray:
+    """Each server's load from the traffic equations lambda = a + R^T lambda, written out independently."""
+    arrivals = np.array(instance["arrival_rates"])
+    routing = np.array(instance["routing"])
+    throughput = np.linalg.solve(np.eye(len(arrivals)) - routing.T, arrivals)
+    work = throughput / np.array(instance["service_rates"])
+    return np.array([work[buffers].sum() for buffers in instance["servers"]])
+
+
+@pytest.mark.parametrize("instance", literature_instances(), ids=lambda instance: instance["name"])
+def test_shipped_file_is_the_family_definition(instance):
+    path = INSTANCES_DIR / f"{instance['name']}.json"
+    assert path.read_text() == instance_json(instance)
+    assert load_instance(instance["name"])["routing"] == instance["routing"]
+
+
+@pytest.mark.parametrize("stations", range(2, 8))
+def test_reentrant_line_routes_and_loads(stations):
+    instance = load_instance(f"reentrant-{stations}")
+    classes = 3 * stations
+    routing = np.array(instance["routing"])
+    # Class i (from 1) goes to i + 3 up to 3L - 3; class 3L - 2 to class 2; the last two leave.
+    expected = np.zeros((classes, classes))
+    for i in range(1, classes - 2):
+        expected[i - 1, i + 2] = 1.0
+    expected[classes - 3, 1] = 1.0
+    np.testing.assert_array_equal(routing, expected)
+    assert instance["arrival_rates"][0] == instance["arrival_rates"][2] == pytest.approx(9 / 140)
+    assert sum(instance["arrival_rates"]) == pytest.approx(2 * 9 / 140)
+    np.testing.assert_allclose(station_loads(instance), 0.9, rtol=1e-12)
+    # Stream 1 visits every station twice, stream 2 once: 3 classes per station.
+    assert instance["servers"] == [[3 * s, 3 * s + 1, 3 * s + 2] for s in range(stations)]
+
+
+@pytest.mark.parametrize("regime, loads", [("il", (0.3, 0.2)), ("bl", (0.3, 0.3)), ("im", (0.6, 0.4)),
+                                           ("bm", (0.6, 0.6)), ("ih", (0.9, 0.6)), ("bh", (0.9, 0.9))])
+def test_criss_cross_regime_loads(regime, loads):
+    np.testing.assert_allclose(station_loads(load_instance(f"criss-cross-{regime}")), loads, rtol=1e-12)
+
+
+def test_family_definitions_refuse_what_they_do_not_define():
+    with pytest.raises(ValueError, match="regime"):
+        criss_cross("hh")
+    with pytest.raises(ValueError, match="at least 2 stations"):
+        reentrant(1)
+
+
+# Dai & Gluzman's dynamic-programming optima of the light and moderate regimes.
+PUBLISHED_OPTIMA = {"il": 0.671, "bl": 0.843, "im": 2.084, "bm": 2.829}
+
+
+@pytest.mark.parametrize("regime", sorted(PUBLISHED_OPTIMA))
+def test_exact_optimum_matches_the_published_dynamic_programming_value(regime):
+    network = Network.from_instance(f"criss-cross-{regime}")
+    result = exact.solve_until_converged(network, 30, tolerance=0.0005)
+    assert result.relative_change < 0.0005
+    assert -result.fine.lta_return == pytest.approx(PUBLISHED_OPTIMA[regime], rel=0.001)
+
+
+def test_gap_is_measured_on_the_same_chain_and_never_negative():
+    network = Network.from_instance("criss-cross-bl")
+    # The optimum's own decisions, written as a policy: its gap is zero on every level, never below.
+    for name in ("cmu", "lbfs", "fbfs", "maxweight"):
+        gap = exact.gap_until_converged(network, 20, make_policy(name, network, exact=True), tolerance=0.001)
+        for optimum, policy in gap.levels:
+            assert optimum.level == policy.level
+            assert policy.lta_return <= optimum.lta_return + 1e-5 * abs(optimum.lta_return)
+        assert gap.gap >= -1e-5
+    assert gap.gap > 0.01  # maxweight is not optimal here
+
+
+def test_optimum_is_cached_per_model_and_level(exact_cache):
+    network = Network.from_instance("criss-cross-il")
+    first, warm_start = exact.cached_optimum(network, 17)
+    assert warm_start is not None  # computed
+    again, warm_start = exact.cached_optimum(network, 17)
+    assert warm_start is None and again == first  # read back
+    renamed = Network.from_instance({**load_instance("criss-cross-il"), "name": "other-name"})
+    assert exact.cached_optimum(renamed, 17)[1] is None  # the same model under another name
+    faster = Network.from_instance({**load_instance("criss-cross-il"), "service_rates": [2.0, 2.0, 2.0]})
+    assert exact.cached_optimum(faster, 17)[1] is not None  # another model
+    stored = json.loads((exact_cache / "ppo_continuous" / "exact_optima.json").read_text())
+    assert len(stored) >= 2
+
+
+def test_long_run_estimate_covers_the_exact_value():
+    network = Network.from_instance("criss-cross-bl")
+    for name in ("cmu", "maxweight"):
+        value = exact.gap_until_converged(network, 30, make_policy(name, network, exact=True), 0.0005).policy.lta_return
+        result = long_run(network, make_policy(name, network), seed=3, copies=64, precision=0.01, first_horizon=4000)
+        assert result.relative_half_width <= 0.01
+        assert abs(result.lta_return - value) <= result.half_width, (name, result, value)
+        assert result.stationary
+
+
+def test_long_run_flags_a_run_that_is_not_stationary():
+    # Overloaded: the queue grows without bound, so the last quarter costs more than the third.
+    network = Network.from_instance({"name": "overloaded", "time": "continuous", "arrival_rates": [1.2],
+                                     "service_rates": [1.0], "holding_costs": [1.0], "servers": [[0]]})
+    result = long_run(network, make_policy("cmu", network), copies=16, precision=0.5, first_horizon=4000)
+    assert not result.stationary and result.drift < 0
+    assert "WARNING: not stationary" in result.describe()
+
+
+def test_static_priority_search_finds_the_exact_best_order():
+    network = Network.from_instance("criss-cross-im")
+    exact_costs = {}
+    for first in itertools.permutations([0, 2]):
+        order = [*first, 1]
+        exact_costs[tuple(order)] = exact.gap_until_converged(
+            network, 30, priority_policy(network, order), 0.001).policy.lta_return
+    found, _ = best_static_priority(network, [[2, 0, 1]], copies=64, horizon=8000)  # starts at the worse order
+    assert tuple(found) == max(exact_costs, key=exact_costs.get)
