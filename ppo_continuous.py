@@ -32,7 +32,7 @@ import torch.nn as nn
 from gymnasium.wrappers.utils import RunningMeanStd
 
 from checkpoint_saver import RegistryError, entry_bytes, instance_key, save_atomic, without_password
-from ppo_support import (LOG_SQRT_2PI, CandidateSelection, Progress, TrainError, check_env, check_fits_env,
+from ppo_support import (LOG_SQRT_2PI, CandidateSelection, Progress, RewardMeter, TrainError, check_env, check_fits_env,
                          check_numpy_mirrors, check_output_file, compiled_minibatch_update, default_eval_every,
                          deterministic_numpy_policy, env_action_map, evaluate, evaluation_protocol, format_score,
                          global_state, grouped_cli, load_rms_state, make_vector_env, normalize_observation,
@@ -384,12 +384,12 @@ class TimeScaledReward(gym.vector.VectorWrapper):
 
 
 def make_training_envs(args, env_kwargs, env_info):
-    """The training vector env: raw episode statistics first, then the reward transformations. The trainer maps
-    the agent's raw actions into the bounds itself (`env_action_map`), so the raw sample is what is stored."""
+    """The training vector env: raw episode and rollout statistics first, then the reward transformations. The
+    trainer maps the agent's raw actions into the bounds itself (`env_action_map`), so the raw sample is stored."""
     # The env's own limit explicitly: a native vector env given None would run without one.
     envs = make_vector_env(args.env_id, env_kwargs, args.num_envs, args.reset_steps or env_info["time_limit"],
                            env_info["native_vector"], args.async_envs)
-    envs = gym.wrappers.vector.RecordEpisodeStatistics(envs)
+    envs = reward_meter = RewardMeter(gym.wrappers.vector.RecordEpisodeStatistics(envs))
     reward_normalizer = None
     if args.time_scaled:
         envs = TimeScaledReward(envs)
@@ -398,7 +398,7 @@ def make_training_envs(args, env_kwargs, env_info):
         envs = reward_normalizer = gym.wrappers.vector.NormalizeReward(envs, gamma=args.gamma if args.gamma < 1
                                                                        else 0.99)
         envs = gym.wrappers.vector.ClipReward(envs, -args.clip_reward, args.clip_reward)
-    return envs, reward_normalizer
+    return envs, reward_normalizer, reward_meter
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -597,7 +597,8 @@ class Run:
                        functools.partial(minibatch_update, self.agent, self.optimizers, self.clip_groups, args))
         # Env subprocesses (--async-envs) inherit this: they ignore Ctrl-C and SIGTERM, and this process stops them.
         with signal_handlers(signal.SIG_IGN):
-            self.envs, self.reward_normalizer = make_training_envs(args, env_kwargs, self.env_info)
+            self.envs, self.reward_normalizer, self.reward_meter = make_training_envs(args, env_kwargs,
+                                                                                      self.env_info)
         resources.callback(self.envs.close)
         if resumed is not None and self.reward_normalizer is not None and resumed["reward_rms"] is not None:
             # The scale statistics carry over; the running returns of episodes that no longer exist do not.
@@ -613,9 +614,10 @@ class Run:
             (args.total_timesteps - self.counters["global_step"]) // batch_size) * batch_size
         self.start_step, self.start_time, self.rollouts_seen = self.counters["global_step"], time.time(), 0
         self.selection = CandidateSelection(self.start_step, args.eval_every or default_eval_every(
-            args.total_timesteps, batch_size, self.protocol, args.eval_nominated), args.eval_nominated,
+            args.total_timesteps, batch_size, self.protocol, args.eval_nominated, self.env_info["native_vector"]),
+            args.eval_nominated,
             args.early_stop_patience, args.lower_is_better)
-        self.latest_lta, self.stopped_by_callback = math.nan, False
+        self.latest_lta, self.rollout_lta, self.stopped_by_callback = math.nan, math.nan, False
         self.timing = {"rollout_seconds": 0.0, "update_seconds": 0.0, "eval_seconds": 0.0}
         self.stats, self.phase_start = {}, time.perf_counter()
         self.progress = resources.enter_context(contextlib.closing(Progress(self.final_step,
@@ -692,6 +694,8 @@ class Run:
         args, self.rollouts_seen = self.args, self.rollouts_seen + 1
         self.counters["rollouts"] += 1
         self.timing["rollout_seconds"] += time.perf_counter() - self.phase_start
+        self.rollout_lta = self.reward_meter.take()
+        self.writer.add_scalar("charts/rollout_average_reward", self.rollout_lta, self.counters["global_step"])
         if args.average_reward and buffers["terminated"].any():
             raise TrainError(f"--average-reward is for continuing tasks, but env '{args.env_id}' terminated an "
                              f"episode: train it in the discounted mode")
@@ -763,8 +767,11 @@ class Run:
             self.stats["charts/rho"] = self.rho
         for tag, value in self.stats.items():
             self.writer.add_scalar(tag, value, step)
-        self.progress.update(step, sps, self.latest_lta, math.nan if self.selection.best is None
-                             else self.selection.best["mean"])
+        best = math.nan if self.selection.best is None else self.selection.best["mean"]
+        if self.protocol["kind"] == "continuing":  # no need to wait for an episode to end
+            self.progress.update(step, sps, "rollout LTA", self.rollout_lta, best)
+        else:
+            self.progress.update(step, sps, "LTA", self.latest_lta, best)
 
     def save_latest(self):
         every = self.args.save_latest_every

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import sys
@@ -104,6 +105,25 @@ def make_vector_env(env_id, env_kwargs, num_envs, max_episode_steps, native_vect
         raise TrainError(f"env '{env_id}' does not autoreset in SAME_STEP mode (gymnasium {gym.__version__}): "
                          f"the truncation bootstrap needs it; use gymnasium 1.1 or later")
     return envs
+
+
+class RewardMeter(gym.vector.VectorWrapper):
+    """Sums the rewards of all envs until `take()` returns their average per step and starts again: on a continuing
+    task, the average reward of the last rollout is an LTA measurement that needs no episode to end."""
+
+    def __init__(self, env):
+        super().__init__(env)
+        self.total, self.steps = 0.0, 0
+
+    def step(self, actions):
+        obs, reward, terminated, truncated, info = self.env.step(actions)
+        self.total, self.steps = self.total + float(np.sum(reward)), self.steps + len(reward)
+        return obs, reward, terminated, truncated, info
+
+    def take(self):
+        average = self.total / self.steps if self.steps else math.nan
+        self.total, self.steps = 0.0, 0
+        return average
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -269,17 +289,21 @@ def format_score(evaluation):
     return f"{evaluation['mean']:.6g} +- {evaluation['half_width']:.3g}"
 
 
-# At most this many env steps of evaluation per training step, by default (see `default_eval_every`).
-EVAL_STEPS_PER_TRAINING_STEP = 10
+# What an evaluation step costs, in training steps (measured: criss-cross 1/24, HalfCheetah-v4 1/2): with the env's
+# native vector implementation all copies step in one call and the policy runs once for all of them.
+EVAL_STEP_COST = {"native_vector": 1 / 20, "one_env_per_copy": 1 / 2}
+# By default, the evaluations of an interval cost at most this share of its training.
+EVAL_COST_SHARE = 0.5
 
 
-def default_eval_every(total_timesteps, batch_size, protocol, nominated_per_interval):
+def default_eval_every(total_timesteps, batch_size, protocol, nominated_per_interval, native_vector):
     """A tenth of the run (at least one rollout), but never so often that the evaluations of an interval (the
-    periodic one and the nominated ones) simulate more than EVAL_STEPS_PER_TRAINING_STEP env steps per training
-    step. An evaluation step costs 1/25 to 1/50 of a training step on the envs measured (README), so evaluation
-    stays a minority of a short run while long runs keep ten periodic evaluations."""
+    periodic one and the nominated ones) cost more than EVAL_COST_SHARE of its training, at the measured relative
+    cost of an evaluation step: so evaluation stays a minority of a short run, and long runs keep ten periodic
+    evaluations under the same protocol. Steps only: the same for every machine."""
     evaluation_steps = protocol["episodes"] * (protocol["warmup"] + protocol["horizon"])
-    floor = math.ceil((1 + nominated_per_interval) * evaluation_steps / EVAL_STEPS_PER_TRAINING_STEP)
+    cost = EVAL_STEP_COST["native_vector" if native_vector else "one_env_per_copy"]
+    floor = math.ceil((1 + nominated_per_interval) * evaluation_steps * cost / EVAL_COST_SHARE)
     return max(total_timesteps // 10, batch_size, floor)
 
 
@@ -480,8 +504,8 @@ class Progress:
             self.task = self.bar.add_task("train", total=total, completed=start, stats="")
             self.bar.start()
 
-    def update(self, step, sps, lta, best):
-        stats = f"SPS {sps:.0f}  LTA {lta:.4g}  best eval {best:.4g}"
+    def update(self, step, sps, lta_name, lta, best):
+        stats = f"SPS {sps:.0f}  {lta_name} {lta:.4g}  best eval {best:.4g}"
         if self.bar is not None:
             self.bar.update(self.task, completed=step, stats=stats)
         elif step * 20 // max(self.total, 1) > self.last_line:
@@ -513,9 +537,36 @@ def warn(message):
     write_line(sys.stderr, f"warning: {message}")
 
 
+# MuJoCo's notice about an attribute of the XML models of gymnasium's MuJoCo envs, printed at every env creation.
+HARMLESS_MUJOCO_WARNING = "compiler attribute 'settotalmass' is deprecated"
+
+
+@contextlib.contextmanager
+def quiet_mujoco(env_id):
+    """A MuJoCo env of gymnasium runs quietly: gymnasium's advice to move from v4 to v5 (v4 is the default for
+    CleanRL's published numbers, README) and MuJoCo's `settotalmass` notice are dropped; any other MuJoCo warning
+    goes to stderr as a warning, and none is appended to MUJOCO_LOG.TXT in the working directory."""
+    spec = gym.envs.registration.registry.get(env_id)
+    if spec is None or not str(spec.entry_point).startswith("gymnasium.envs.mujoco"):
+        yield
+        return
+    import mujoco
+    previous = mujoco.get_mju_user_warning()
+    mujoco.set_mju_user_warning(lambda message: None if HARMLESS_MUJOCO_WARNING in message
+                                else warn(f"MuJoCo: {message.strip()}"))
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", rf".*The environment {re.escape(env_id)} is out of date",
+                                    DeprecationWarning)
+            yield
+    finally:
+        mujoco.set_mju_user_warning(previous)
+
+
 @contextlib.contextmanager
 def global_state(args):
-    """Seed the global random generators and set torch's and numpy's threads for the run; restore it all afterwards."""
+    """Seed the global random generators, set torch's and numpy's threads for the run and quieten MuJoCo's known
+    notices; restore it all afterwards."""
     saved = (random.getstate(), np.random.get_state(), torch.get_rng_state(), torch.get_num_threads(),
              torch.backends.cudnn.deterministic)
     random.seed(args.seed)
@@ -524,7 +575,8 @@ def global_state(args):
     torch.backends.cudnn.deterministic = args.torch_deterministic
     torch.set_num_threads(args.num_threads)
     try:
-        with threadpool_limits(args.num_threads):  # numpy's BLAS too: its threads thrash on small matrices
+        # numpy's BLAS too: its threads thrash on small matrices
+        with threadpool_limits(args.num_threads), quiet_mujoco(args.env_id):
             yield
     finally:
         random.setstate(saved[0])

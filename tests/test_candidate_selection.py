@@ -78,14 +78,15 @@ def test_without_patience_the_run_never_stops_early():
 
 
 def test_default_eval_every_is_a_tenth_of_a_run_unless_evaluations_are_long():
-    episodic = {"episodes": 10, "warmup": 0, "horizon": 1000}  # HalfCheetah: 10,000 steps per evaluation
-    assert default_eval_every(1_000_000, 2048, episodic, 1) == 100_000
-    assert default_eval_every(4096, 2048, episodic, 1) == 2048  # at least one rollout
-    assert default_eval_every(10_000, 256, episodic, 1) == 2000  # (1 + 1) x 10,000 / 10 steps
-    continuing = {"episodes": 128, "warmup": 2_500, "horizon": 20_000}  # 2.88M steps per evaluation
-    assert default_eval_every(20_000_000, 16_384, continuing, 1) == 2_000_000  # long runs: ten periodic
-    assert default_eval_every(300_000, 16_384, continuing, 1) == 576_000  # short: 2 x 2.88M / 10
-    assert default_eval_every(300_000, 16_384, continuing, 0) == 288_000
+    episodic = {"episodes": 10, "warmup": 0, "horizon": 1000}  # HalfCheetah: 10,000 steps, one env per copy
+    assert default_eval_every(1_000_000, 2048, episodic, 1, native_vector=False) == 100_000
+    assert default_eval_every(4096, 2048, episodic, 0, native_vector=False) == 10_000  # 10,000 x 1/2 / 0.5
+    assert default_eval_every(20_000, 2048, episodic, 1, native_vector=False) == 20_000  # 2 x 10,000 x 1/2 / 0.5
+    continuing = {"episodes": 128, "warmup": 2_500, "horizon": 20_000}  # 2.88M steps of a native vector env
+    assert default_eval_every(20_000_000, 16_384, continuing, 1, native_vector=True) == 2_000_000  # ten periodic
+    assert default_eval_every(300_000, 16_384, continuing, 1, native_vector=True) == 576_000  # 2 x 2.88M / 20 / 0.5
+    assert default_eval_every(300_000, 16_384, continuing, 0, native_vector=True) == 288_000
+    assert default_eval_every(300_000, 16_384, continuing, 0, native_vector=False) == 2_880_000
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -187,6 +187,29 @@ def test_no_episode_warning_only_when_the_env_has_no_time_limit(indir, capsys):
     assert "no episode has ended" not in capsys.readouterr().err
 
 
+def test_a_continuing_task_shows_and_logs_the_average_reward_of_each_rollout(workdir):
+    # Reward t at step t and no episode ends: rollout k (2 envs x 128 steps) averages 128 k + 64.5, in the env's own
+    # units whatever the reward scaling does.
+    result = run_cli("--env-id", "tests.envs:StepIndexReward-v0", "--total-timesteps", 1024, *FAST, *FAST_EVAL,
+                     cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    (run_dir,) = run_dirs(workdir)
+    assert scalars(run_dir)["charts/rollout_average_reward"] == [(256 * (k + 1), 128 * k + 64.5) for k in range(4)]
+    progress = [line for line in result.stdout.splitlines() if line.startswith("step ")]
+    assert [line.split("rollout LTA ")[1].split()[0] for line in progress] == ["64.5", "192.5", "320.5", "448.5"]
+
+
+def test_the_headline_mujoco_run_is_quiet_and_leaves_no_log_file(indir):
+    import mujoco
+    result = run_cli("--env-id", "HalfCheetah-v4", "--total-timesteps", 256, *FAST, *FAST_EVAL, cwd=indir)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""  # no `settotalmass` notices, no advice to move to v5
+    assert not (indir / "MUJOCO_LOG.TXT").exists()
+    # train() as a library function puts MuJoCo's warning handler back.
+    train(fast_args(env_id="HalfCheetah-v4", total_timesteps=256))
+    assert mujoco.get_mju_user_warning() is None and not (indir / "MUJOCO_LOG.TXT").exists()
+
+
 def test_env_kwargs_reach_the_env(indir):
     summary = train(fast_args(env_id="tests.envs:ConstantReward-v0", env_kwargs='{"reward": -3.5}', eval_horizon=None,
                               total_timesteps=256))
