@@ -777,27 +777,36 @@ def learning_curves(config, trials, tag):
     return curves, missing
 
 
-def reference_lines(instance, steps, with_optimum):
-    """For a queueing instance: each classical policy's simulated LTA return with its 95% CI and, if asked, the
-    exact optimum (relative value iteration on a truncation raised until it converges: seconds for small
-    instances, many minutes for criss-cross; skipped when the state space is too large)."""
+def reference_lines(instance, precision, exact_values):
+    """For a queueing instance: each classical policy's LTA return with its 95% CI, simulated in steady state to
+    `precision` (queueing.longrun); with `exact_values`, exact instead (on the same truncated chains as the optimum,
+    which is added: seconds for small instances, many minutes for criss-cross; simulation where the state space is
+    too large)."""
     env_id, kwargs = instance[0], json.loads(instance[1])
     if not env_id.split(":")[-1].startswith("QueueNetwork") or "instance" not in kwargs:
         return []
-    from queueing import exact
-    from queueing.baselines import POLICIES, evaluate_policy
-    from queueing.env import Network
+    import numpy as np
 
-    lines = [{"name": name, **dict(zip(("value", "half_width"), evaluate_policy(kwargs["instance"], name, steps)))}
-             for name in sorted(POLICIES)]
-    if not with_optimum:
-        return lines
-    try:
-        optimum = exact.solve_until_converged(Network.from_instance(kwargs["instance"]), exact.DEFAULT_START_TRUNCATION)
-    except ValueError as error:  # too large for the exact solver: the classical policies only
-        print(f"no exact optimum for {instance_label(instance)}: {error}", file=sys.stderr)
-        return lines
-    return lines + [{"name": "optimal", "value": float(optimum.fine.lta_return), "half_width": 0.0}]
+    from queueing import exact
+    from queueing.baselines import POLICIES, make_policy
+    from queueing.env import Network
+    from queueing.longrun import long_run
+
+    network = Network.from_instance(kwargs["instance"], kwargs.get("allocation"))
+    lines, optimum = [], None
+    for name in sorted(POLICIES):
+        if exact_values:
+            try:
+                gap = exact.gap_until_converged(network, exact.DEFAULT_START_TRUNCATION, make_policy(name, network, exact=True))
+                lines.append({"name": name, "value": gap.policy.lta_return, "half_width": 0.0})
+                optimum = gap.optimum.lta_return
+                continue
+            except ValueError as error:  # too large for the exact solver: simulate
+                print(f"no exact values for {instance_label(instance)}: {error}", file=sys.stderr)
+                exact_values = False
+        result = long_run(network, make_policy(name, network, np.random.default_rng(0)), precision=precision)
+        lines.append({"name": name, "value": result.lta_return, "half_width": result.half_width})
+    return lines + ([{"name": "optimal", "value": optimum, "half_width": 0.0}] if optimum is not None else [])
 
 
 def format_interval(value, low, high):
@@ -832,7 +841,7 @@ def trial_rows(study, config):
     return complete, varied, labels, rows
 
 
-def write_report(study, out_dir, top=5, tag="eval/LTA_return", baseline_steps=200_000, exact_optimum=False,
+def write_report(study, out_dir, top=5, tag="eval/LTA_return", baseline_precision=0.02, exact_optimum=False,
                  registry=None):
     """Write table.md, table.csv, curves.csv, references.csv and the PNG plots; return their paths. `registry` is
     the checkpoint registry the runs fed (None: the trainer's default)."""
@@ -870,7 +879,7 @@ def write_report(study, out_dir, top=5, tag="eval/LTA_return", baseline_steps=20
         for curve in curves:
             for row in zip(curve["steps"], curve["value"], curve["ci_low"], curve["ci_high"]):
                 writer.writerow([labels[curve["instance"]], curve["trial"], curve["seeds"], *row])
-    references = [reference_lines(instance, baseline_steps, exact_optimum) for instance in config["instances"]]
+    references = [reference_lines(instance, baseline_precision, exact_optimum) for instance in config["instances"]]
     with open(paths["references_csv"], "w", newline="") as file:
         writer = csv.writer(file)
         writer.writerow(["instance", "policy", "value", "half_width"])
@@ -997,7 +1006,7 @@ def command_report(options):
         raise SweepError(f"no study storage at {location}: give --storage as for `sweep.py run`")
     study = load_study(open_storage(location), options.study_name, location)
     out_dir = options.out or SWEEPS_DIR / options.study_name / "report"
-    paths = write_report(study, out_dir, options.top, options.curve_tag, options.baseline_steps, options.exact_optimum,
+    paths = write_report(study, out_dir, options.top, options.curve_tag, options.baseline_precision, options.exact_optimum,
                          registry_location(options.registry, options.storage))
     print(Path(paths["table_md"]).read_text())
     print(f"wrote {', '.join(str(path) for path in paths.values())}")
@@ -1061,10 +1070,11 @@ def parser():
     report.add_argument("--out", help="output folder (default: runs/sweeps/NAME/report)")
     report.add_argument("--top", type=positive_int, default=5, help="configurations in the table and plots")
     report.add_argument("--curve-tag", default="eval/LTA_return", help="TensorBoard tag of the learning curves")
-    report.add_argument("--baseline-steps", type=positive_int, default=200_000,
-                        help="simulated steps per classical policy (queueing reference lines)")
+    report.add_argument("--baseline-precision", type=float, default=0.02,
+                        help="relative 95%% CI half-width of the simulated classical policies (queueing reference lines)")
     report.add_argument("--exact-optimum", action="store_true",
-                        help="also draw the exact optimum of queueing instances (minutes for criss-cross)")
+                        help="exact values of the classical policies and the optimum of queueing instances, instead of "
+                             "simulated ones (minutes for criss-cross)")
     return root
 
 

@@ -99,11 +99,15 @@ def optimum_levels(instance):
         level = exact.next_level(level)
 
 
-def score_policy(instance, policy, network=None):
-    """{cost, half_width, how}: exact (same truncated chain as the optimum) on criss-cross, long-run elsewhere."""
+def score_policy(instance, policy, network=None, start_level=exact.DEFAULT_START_TRUNCATION):
+    """{cost, half_width, how}: exact (same truncated chain as the optimum) on criss-cross, long-run elsewhere.
+
+    `start_level`: the first truncation tried on criss-cross; the level before the optimum's converged one saves
+    the coarse levels (the policy must still settle from there).
+    """
     network = network or Network.from_instance(instance)
     if family(instance) == "criss-cross":
-        gap = exact.gap_until_converged(network, exact.DEFAULT_START_TRUNCATION, policy, EXACT_TOLERANCE)
+        gap = exact.gap_until_converged(network, start_level, policy, EXACT_TOLERANCE)
         return {"cost": -gap.policy.lta_return, "gap": gap.gap, "truncation": gap.policy.level,
                 "truncation_uncertainty": gap.truncation_uncertainty, "how": "exact"}
     result = long_run(network, policy, seed=0, precision=LONG_RUN_PRECISION)
@@ -111,15 +115,20 @@ def score_policy(instance, policy, network=None):
             "horizon": result.horizon, "stationary": result.stationary, "how": "long-run"}
 
 
-def classical_rules(instance, log):
-    network, rows = Network.from_instance(instance), {}
+def start_level(store, instance):
+    levels = store.get("optima", {}).get(instance)
+    return levels[-2][0] if levels else exact.DEFAULT_START_TRUNCATION
+
+
+def classical_rules(instance, store, log):
+    network, rows, start = Network.from_instance(instance), {}, start_level(store, instance)
     for name in CLASSICAL:
-        rows[name] = score_policy(instance, make_policy(name, network, exact=family(instance) == "criss-cross"), network)
+        rows[name] = score_policy(instance, make_policy(name, network, exact=family(instance) == "criss-cross"), network, start)
         log(f"{instance} {name}: {rows[name]['cost']:.4f}")
     starts = [list(range(network.num_buffers))[::-1], list(range(network.num_buffers)),
               sorted(range(network.num_buffers), key=lambda k: -network.service_rates[k])]
     order, _ = best_static_priority(network, starts, log=lambda text: log(f"{instance} static search: {text}"))
-    rows["best_static"] = score_policy(instance, priority_policy(network, order), network)
+    rows["best_static"] = score_policy(instance, priority_policy(network, order), network, start)
     rows["best_static"]["order"] = server_orders(order, network)
     log(f"{instance} best static priority {rows['best_static']['order']}: {rows['best_static']['cost']:.4f}")
     return rows
@@ -153,14 +162,14 @@ def evaluated_curve(run_dir):
     return [[event.step, -event.value] for event in accumulator.Scalars("eval/LTA_return")]
 
 
-def ppo_run(instance, seed, workdir, extra, log):
+def ppo_run(instance, seed, workdir, extra, store, log):
     import torch
 
     from queueing.longrun import checkpoint_policy
 
     best, wall = train(instance, seed, workdir, extra)
     policy, network = checkpoint_policy(str(best))
-    row = score_policy(instance, policy, network)
+    row = score_policy(instance, policy, network, start_level(store, instance))
     saved = torch.load(best, map_location="cpu", weights_only=True)
     row.update(checkpoint=str(best), best_step=int(saved["global_step"]), wall_seconds=round(wall),
                settings=" ".join(RECOMMENDED[family(instance)] + extra), curve=evaluated_curve(best.parent))
@@ -297,7 +306,7 @@ def main():
 
     if options.seeds:
         with ThreadPoolExecutor(options.parallel) as pool:
-            jobs = [(instance, seed, pool.submit(ppo_run, instance, seed, options.workdir, options.extra, log))
+            jobs = [(instance, seed, pool.submit(ppo_run, instance, seed, options.workdir, options.extra, load_store(), log))
                     for instance in instances for seed in options.seeds]
             for instance, seed, job in jobs:
                 row = job.result()
@@ -311,13 +320,13 @@ def main():
                 save_store(store)
                 log(f"{instance} optimum: " + ", ".join(f"L={level}: {cost:.5f}" for level, _, cost in store["optima"][instance]))
             if instance not in store.setdefault("classical", {}):
-                store["classical"][instance] = classical_rules(instance, log)
+                store["classical"][instance] = classical_rules(instance, store, log)
                 save_store(store)
         if not options.skip_ppo:
             with ThreadPoolExecutor(options.parallel) as pool:
                 missing = [(instance, seed) for instance in instances for seed in default_seeds(instance)
                            if str(seed) not in store.setdefault("ppo", {}).get(instance, {})]
-                jobs = [(instance, seed, pool.submit(ppo_run, instance, seed, options.workdir, options.extra, log))
+                jobs = [(instance, seed, pool.submit(ppo_run, instance, seed, options.workdir, options.extra, store, log))
                         for instance, seed in missing]
                 for instance, seed, job in jobs:
                     store["ppo"].setdefault(instance, {})[str(seed)] = job.result()

@@ -1,28 +1,23 @@
-"""Classical policies for the queueing networks and a long-term-average (LTA) evaluator.
+"""Classical policies for the queueing networks, and a search for the best static priority.
 
-    python -m queueing.baselines --instance criss-cross --policy maxweight --steps 1000000
+    python -m queueing.baselines --instance criss-cross --policy maxweight     # its steady-state LTA return
 
 A policy maps a batch of observations (N, obs_dim) to action weights (N, K), exactly like the
-agent, so every policy goes through the environment's own allocation rule and dynamics: the
-copies are simulated by the native vector env (`queueing.vector_env`), all in one numpy call per
-slot, and copy i follows the trajectory of the single env seeded with `seed + i`.
+agent, so every policy goes through the environment's own allocation rule and dynamics. Their LTA returns
+come from `queueing.longrun` (simulation to a stated precision, the command above) or
+`queueing.exact` (exact on a truncated chain).
 """
 
 from __future__ import annotations
 
-import argparse
 import itertools
-import math
-import time
 from collections.abc import Callable
 
 import numpy as np
 
 from queueing.env import Network
-from queueing.vector_env import QueueNetworkVectorEnv
 
 Policy = Callable[[np.ndarray], np.ndarray]
-NORMAL_QUANTILE_975 = 1.959963984540054
 
 
 def _as_network(instance: str | dict | Network) -> Network:
@@ -194,105 +189,10 @@ def best_static_priority(instance, start_orders: list[list[int]], seed: int = 0,
     return best, score(best)
 
 
-def student_t_quantile_975(degrees_of_freedom: int) -> float:
-    """0.975 quantile of Student's t (Abramowitz & Stegun 26.7.5; error < 1e-4 for df >= 5)."""
-    z = NORMAL_QUANTILE_975
-    nu = degrees_of_freedom
-    g1 = (z**3 + z) / 4
-    g2 = (5 * z**5 + 16 * z**3 + 3 * z) / 96
-    g3 = (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / 384
-    g4 = (79 * z**9 + 776 * z**7 + 1482 * z**5 - 1920 * z**3 - 945 * z) / 92160
-    return z + g1 / nu + g2 / nu**2 + g3 / nu**3 + g4 / nu**4
-
-
-def evaluate_policy(
-    instance: str | dict | Network,
-    policy: str | Policy,
-    steps: int,
-    seed: int = 0,
-    warmup: int = 2000,
-    num_copies: int = 8,
-    num_batches: int = 20,
-) -> tuple[float, float]:
-    """LTA return (mean reward per step) of a policy and the half-width of its 95% CI.
-
-    Simulates `num_copies` independent copies of the network from empty queues (copy i seeded
-    with `seed + i`; a randomised policy draws from its own generator seeded with `seed`), drops the
-    first `warmup` slots of each, then runs at least `steps` transitions in total (rounded up
-    to whole batches). The reward averaged over the copies at each slot forms one time series,
-    cut into `num_batches` consecutive batches; the CI is the batch-means t-interval.
-    `policy` is a name `make_policy` accepts or a callable mapping (N, obs_dim) observations to
-    (N, K) weights.
-    """
-    if num_batches < 10:
-        raise ValueError(f"num_batches must be at least 10, got {num_batches}")
-    network = _as_network(instance)
-    act = make_policy(policy, network, np.random.default_rng(seed)) if isinstance(policy, str) else policy
-
-    batch_length = max(1, math.ceil(steps / (num_copies * num_batches)))
-    envs = QueueNetworkVectorEnv(num_copies, network, max_episode_steps=None)
-    observations, _ = envs.reset(seed=seed)
-    mean_rewards = np.empty(batch_length * num_batches)
-    for slot in range(-warmup, len(mean_rewards)):
-        observations, rewards, *_ = envs.step(act(observations))
-        if slot >= 0:
-            mean_rewards[slot] = rewards.mean()
-
-    batch_means = mean_rewards.reshape(num_batches, batch_length).mean(axis=1)
-    half_width = student_t_quantile_975(num_batches - 1) * batch_means.std(ddof=1) / math.sqrt(num_batches)
-    return float(batch_means.mean()), float(half_width)
-
-
-class _OneLineErrorParser(argparse.ArgumentParser):
-    """Reports bad arguments as a single line on stderr, exit status 2."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def _integer_at_least(minimum: int) -> Callable[[str], int]:
-    """An argparse type: an integer no smaller than minimum."""
-    def parse(text: str) -> int:
-        message = f"must be an integer >= {minimum}, got {text!r}"
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(message) from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(message)
-        return value
-
-    return parse
-
-
 def main(argv: list[str] | None = None) -> None:
-    parser = _OneLineErrorParser(
-        prog="python -m queueing.baselines",
-        description="Long-term-average return of a classical policy on a queueing network instance.",
-    )
-    parser.add_argument("--instance", default="single-server-2class", help="instance name or path to a JSON file")
-    parser.add_argument("--policy", default="cmu", help=f"one of: {', '.join(policy_names())}")
-    parser.add_argument("--steps", type=_integer_at_least(1), default=1_000_000, help="total transitions measured")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--warmup", type=_integer_at_least(0), default=2000, help="slots dropped per copy")
-    parser.add_argument("--num-copies", type=_integer_at_least(1), default=8, help="copies simulated in parallel")
-    parser.add_argument("--batches", type=_integer_at_least(10), default=20, help="batches for the batch-means CI")
-    args = parser.parse_args(argv)
-    try:
-        network = Network.from_instance(args.instance)
-        make_policy(args.policy, network)
-    except ValueError as error:
-        parser.error(str(error))
+    from queueing.longrun import main as long_run_main
 
-    start = time.perf_counter()
-    lta, half_width = evaluate_policy(
-        network, args.policy, args.steps, args.seed, args.warmup, args.num_copies, args.batches
-    )
-    print(
-        f"instance {network.name}, policy {args.policy}: LTA return {lta:.4f} +- {half_width:.4f} "
-        f"(95% CI, {args.batches} batch means; {args.steps} steps in {args.num_copies} copies after "
-        f"{args.warmup} warm-up slots each; seed {args.seed}; {time.perf_counter() - start:.1f} s)"
-    )
+    long_run_main(argv, prog="python -m queueing.baselines")
 
 
 if __name__ == "__main__":

@@ -128,10 +128,10 @@ class _OneLineErrorParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, prog: str = "python -m queueing.longrun") -> None:
     from queueing.baselines import make_policy, policy_names
 
-    parser = _OneLineErrorParser(prog="python -m queueing.longrun", description=__doc__.split("\n")[0])
+    parser = _OneLineErrorParser(prog=prog, description=__doc__.split("\n")[0])
     parser.add_argument("--instance", help="instance name or JSON file (with --policy)")
     parser.add_argument("--policy", help=f"a classical policy: {', '.join(policy_names())}")
     parser.add_argument("--checkpoint", help="a ppo_continuous.py checkpoint: its deterministic policy")
@@ -141,6 +141,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="target 95%% CI half-width, relative to the value")
     parser.add_argument("--max-horizon", type=int, default=DEFAULT_MAX_HORIZON, help="most slots per copy")
     args = parser.parse_args(argv)
+    if args.copies < 2 or args.max_horizon < DEFAULT_FIRST_HORIZON:
+        parser.error(f"--copies must be >= 2 and --max-horizon >= {DEFAULT_FIRST_HORIZON}")
     if bool(args.policy) == bool(args.checkpoint):
         parser.error("give exactly one of --policy (with --instance) or --checkpoint")
     if not 0 < args.precision < 1:

@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from queueing.baselines import evaluate_policy, make_policy
+from queueing.baselines import make_policy
 from queueing.env import Network, load_instance
+from queueing.longrun import long_run
 from queueing.exact import StateSpace, TransitionModel, slot_outcomes, solve_truncation, solve_until_converged
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -96,12 +97,20 @@ def test_priority_allocation_turns_constant_weights_into_a_strict_priority():
 def test_fixed_policy_value_agrees_with_a_long_simulation():
     network = Network.from_instance("single-server-2class")
     exact = solve_until_converged(network, 30, make_policy("maxweight", network, exact=True)).fine.lta_return
-    simulated, half_width = evaluate_policy(network, "maxweight", steps=200_000, seed=4)
+    simulated, half_width = simulate(network, "maxweight", seed=4)
     assert abs(simulated - exact) <= 1.5 * half_width
     # "random" is solved as a uniform choice among the eligible buffers: the same law.
     exact_random = solve_until_converged(network, 30, make_policy("random", network, exact=True)).fine.lta_return
-    simulated, half_width = evaluate_policy(network, "random", steps=200_000, seed=5)
+    simulated, half_width = simulate(network, "random", seed=5)
     assert abs(simulated - exact_random) <= 1.5 * half_width
+
+
+def simulate(network, policy, seed):
+    """The steady-state LTA return and its 95% CI half-width, simulated to 1% (queueing.longrun)."""
+    act = make_policy(policy, network, np.random.default_rng(seed)) if isinstance(policy, str) else policy
+    result = long_run(network, act, seed=seed, copies=100, precision=0.01, first_horizon=4000)
+    assert result.relative_half_width <= 0.01 and result.stationary
+    return result.lta_return, result.half_width
 
 
 TWO_SERVERS_CONNECTIVITY = {
@@ -118,7 +127,7 @@ def test_connectivity_and_routing_exact_values_agree_with_simulation_and_the_opt
     for name in ("cmu", "longest"):
         values[name], _ = solve_truncation(network, 30, make_policy(name, network, exact=True))
         assert optimum.lta_return >= values[name].lta_return - 1e-6
-    simulated, half_width = evaluate_policy(network, "longest", steps=200_000, seed=1)
+    simulated, half_width = simulate(network, "longest", seed=1)
     assert abs(simulated - values["longest"].lta_return) <= 1.5 * half_width
 
 
@@ -127,7 +136,7 @@ def test_continuous_time_policy_value_agrees_with_simulation():
                 "holding_costs": [1.0, 1.5], "servers": [[0, 1]]}
     network = Network.from_instance(instance)
     exact = solve_until_converged(network, 30, make_policy("longest", network, exact=True)).fine.lta_return
-    simulated, half_width = evaluate_policy(network, "longest", steps=200_000, seed=2)
+    simulated, half_width = simulate(network, "longest", seed=2)
     assert abs(simulated - exact) <= 1.5 * half_width
 
 
@@ -215,7 +224,7 @@ def test_checkpoint_exact_value_matches_a_simulation_of_its_policy(tmp_path, all
     policy, trained_instance, trained_allocation = checkpoint_policy(str(checkpoint))
     assert load_instance(trained_instance) == load_instance(instance) and trained_allocation == allocation
     network = Network.from_instance(trained_instance, allocation)
-    simulated, half_width = evaluate_policy(network, policy, steps=100_000, seed=3, num_copies=32)
+    simulated, half_width = simulate(network, policy, seed=3)
     assert abs(simulated - exact) <= 1.5 * half_width
 
     # The same checkpoint made to act (0.6, 0.4) everywhere: strict priority to buffer 0 (the c-mu rule) under

@@ -3,6 +3,7 @@ table, curves and plots read back against the runs' own files, intervals (covera
 differences, failed and killed trials, pruning, labelled output, and --track offline."""
 
 import csv
+import json
 import math
 import os
 import re
@@ -457,3 +458,19 @@ def test_track_offline_writes_wandb_run_files(workdir):
     # One run folder: a wandb folder inside the TensorBoard logdir would be mirrored into itself by sync_tensorboard.
     assert len(offline_runs) == 1, offline_runs
     assert list(offline_runs[0].glob("run-*.wandb")), "the offline run holds its event log"
+
+
+def test_queueing_reference_lines_are_exact_where_the_solver_can_and_honest_simulations_elsewhere():
+    from sweep import reference_lines
+
+    instance = ("queueing:QueueNetwork-v0", json.dumps({"instance": "single-server-2class"}))
+    exact_lines = {line["name"]: line for line in reference_lines(instance, 0.05, exact_values=True)}
+    assert exact_lines["cmu"]["value"] == pytest.approx(-2.68333, abs=2e-4)  # c-mu is optimal here
+    assert exact_lines["optimal"]["value"] == pytest.approx(exact_lines["cmu"]["value"], abs=1e-5)
+    assert all(line["value"] <= exact_lines["optimal"]["value"] + 1e-6 for line in exact_lines.values())
+    simulated = {line["name"]: line for line in reference_lines(instance, 0.05, exact_values=False)}
+    assert "optimal" not in simulated
+    for name in ("cmu", "maxweight"):
+        line = simulated[name]
+        assert 0 < line["half_width"] <= 0.05 * abs(line["value"])
+        assert abs(line["value"] - exact_lines[name]["value"]) <= 1.5 * line["half_width"]
