@@ -457,7 +457,16 @@ def step_dynamics(
         next_draw = 3 * num_buffers
 
     new_queues = queues - completed
-    if network.routing_high is not None:
+    if network.routing_high is not None and network.continuous_time:
+        # At most one completion per copy: route it alone, in O(N K) rather than O(N K^2). Its destination is the
+        # buffer whose interval [routing_low, routing_high) of the source's row holds the draw (none: it leaves).
+        rows = np.arange(len(queues))
+        source = completed.argmax(axis=1)
+        draw = uniforms[rows, next_draw + source]
+        destination = (network.routing_high[source] <= draw[:, None]).sum(axis=1)
+        routed = completed[rows, source] & (destination < num_buffers)
+        new_queues[rows[routed], destination[routed]] += 1
+    elif network.routing_high is not None:
         draws = uniforms[:, next_draw : next_draw + num_buffers, None]
         destination = (draws >= network.routing_low) & (draws < network.routing_high)  # (N, source, dest)
         new_queues = new_queues + (completed[:, :, None] & destination).sum(axis=1)

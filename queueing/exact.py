@@ -361,6 +361,37 @@ def solve_truncation(
     return solution, bias_on
 
 
+def greedy_policy(network: Network, level: int) -> Policy:
+    """The optimal policy of the truncation at `level`, for simulating on the untruncated network.
+
+    In each state it serves what minimises the one-step cost plus the optimum's relative value of the next state;
+    a state beyond the truncation acts as the state with its queues scaled down into it. Actions are one-hot per
+    server, so both allocation rules read them as the same deterministic choice. Instances without connectivity.
+    """
+    if network.connectivity is not None:
+        raise ValueError("greedy_policy needs an instance without connectivity")
+    solution, bias_on = solve_truncation(network, level)
+    model = TransitionModel.build(network, level)
+    bias = bias_on(model.space)
+    allowed = allowed_configurations(model, connectivity_patterns(network)[0])[0]
+    q_values = np.full((len(model.configurations), model.space.size), np.inf)
+    for config_index, (rows, matrix) in enumerate(zip(model.rows, model.matrices)):
+        q_values[config_index, rows] = matrix @ model.costs + matrix @ bias
+    q_values[~allowed] = np.inf
+    weights = np.zeros((len(model.configurations), network.num_buffers), dtype=np.float32)
+    for config_index, configuration in enumerate(model.configurations):
+        weights[config_index, [buffer for buffer in configuration if buffer >= 0]] = 1.0
+    actions = weights[q_values.argmin(axis=0)]  # (n, K)
+
+    def policy(observations: np.ndarray) -> np.ndarray:
+        queues = np.rint(observations[..., : network.num_buffers]).astype(np.int64)
+        scale = np.minimum(1.0, level / np.maximum(queues.sum(axis=-1, keepdims=True), 1))
+        inside = np.minimum(np.floor(queues * scale).astype(np.int64), model.space.limits)
+        return actions[model.space.index(inside)]
+
+    return policy
+
+
 @dataclass(frozen=True)
 class Converged:
     """A value at two successive truncation levels whose relative change is below the tolerance."""
