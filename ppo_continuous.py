@@ -33,11 +33,11 @@ from gymnasium.wrappers.utils import RunningMeanStd
 
 from checkpoint_saver import RegistryError, entry_bytes, instance_key, save_atomic, without_password
 from ppo_support import (LOG_SQRT_2PI, CandidateSelection, Progress, RewardMeter, TrainError, check_env, check_fits_env,
-                         check_numpy_mirrors, check_output_file, compiled_minibatch_update, default_eval_every,
+                         check_numpy_mirrors, checkpoint_defaults, compiled_minibatch_update, default_eval_every,
                          deterministic_numpy_policy, env_action_map, evaluate, evaluation_protocol, format_score,
                          global_state, grouped_cli, load_rms_state, make_vector_env, normalize_observation,
-                         numpy_policy, observation_stats, open_registry, open_writer, paired_difference,
-                         read_checkpoint, require_cpp_compiler, rms_state, say, signal_handlers, stop_signals,
+                         numpy_policy, observation_stats, open_registry, open_writer, read_checkpoint,
+                         require_cpp_compiler, rms_state, say, score_checkpoints, signal_handlers, stop_signals,
                          unique_run_dir, warn, write_line)
 
 
@@ -867,69 +867,21 @@ HELP_GROUPS = {"exp_name": "run", "env_id": "env", "total_timesteps": "rollout",
 NOT_INHERITED = ("resume", "eval_only", "compare", "eval_json")
 
 
-def args_from_checkpoint(path):
-    """The options a checkpoint was trained with, as the defaults of a run that resumes or evaluates it."""
-    saved = read_checkpoint(path)["args"]
-    known = {field.name for field in dataclasses.fields(Args)} - set(NOT_INHERITED)
-    values = {name: tuple(value) if isinstance(value, list) else value for name, value in saved.items()
-              if name in known}
-    return Args(**values)
-
-
 def cli_args(argv=None):
     """`Args` from the command line, with `--help` in groups (the flags stay flat). With `--resume PATH`,
     `--eval-only PATH` or `--compare PATH B` the checkpoint's options are the defaults, so only what changes needs
     repeating."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    defaults = Args()
-    for flag in ("--resume", "--eval-only", "--compare"):
-        for i, word in enumerate(argv):
-            path = argv[i + 1] if word == flag and i + 1 < len(argv) else word.partition("=")[2] \
-                if word.startswith(flag + "=") else None
-            if path:
-                defaults = args_from_checkpoint(path)
+    defaults = checkpoint_defaults(Args, argv, ("--resume", "--eval-only", "--compare"), NOT_INHERITED)
     return grouped_cli(Args, defaults, HELP_GROUPS, argv, __doc__.split("\n\n")[0])
 
 
 def evaluate_checkpoints(args):
     """`--eval-only PATH`: score a checkpoint under the evaluation protocol of its problem instance (its options
-    are the defaults, see `cli_args`). `--compare A B`: score both under A's protocol on the same seeds, and their
-    paired difference. Prints the scores and optionally writes them as JSON; returns them."""
+    are the defaults, see `cli_args`); `--compare A B`: both under A's protocol, with their paired difference
+    (ppo_support.score_checkpoints)."""
     args, env_kwargs = resolved_args(args)
-    paths = [args.eval_only] if args.eval_only else list(args.compare)
-    if args.eval_json:
-        check_output_file(args.eval_json, "--eval-json")
-    with global_state(args):
-        checkpoints = [read_checkpoint(path) for path in paths]
-        trained_on, definition = checkpoints[0]["args"], checkpoints[0].get("problem_definition")
-        if definition and (args.env_id, args.env_kwargs) == (trained_on["env_id"], trained_on["env_kwargs"]):
-            env_kwargs = {**env_kwargs, **definition}  # the instance itself, not a path relative to where it trained
-        env_info = check_env(args.env_id, env_kwargs)
-        protocol = evaluation_protocol(args, env_info)
-        policies = []
-        for path, checkpoint in zip(paths, checkpoints):  # every check before any evaluation
-            check_fits_env(checkpoint, path, args.env_id, env_info)
-            agent = agent_from_checkpoint(checkpoint, path)
-            check_numpy_mirrors(agent)
-            policies.append(deterministic_numpy_policy(agent, observation_stats(checkpoint),
-                                                       checkpoint["args"]["clip_obs"]))
-        start = time.perf_counter()
-        evaluations = [evaluate(policy, args.env_id, env_kwargs, protocol, env_info["native_vector"])
-                       for policy in policies]
-    say(f"protocol {json.dumps(protocol)} ({time.perf_counter() - start:.1f} s)")
-    for path, checkpoint, evaluation in zip(paths, checkpoints, evaluations):
-        say(f"{path} (instance {checkpoint.get('instance')}, step {checkpoint['global_step']}): LTA return "
-            f"{format_score(evaluation)} (95% CI over {evaluation['episodes']} episodes)")
-    result = {"checkpoint": str(paths[0]), **evaluations[0]}
-    if args.compare:
-        difference = paired_difference(*evaluations)
-        say(f"A - B: {format_score(difference)} (paired 95% CI over the {difference['episodes']} episodes both faced "
-            f"with the same seeds; unpaired it would be +- {difference['unpaired_half_width']:.3g})")
-        result = {"a": {"checkpoint": str(paths[0]), **evaluations[0]},
-                  "b": {"checkpoint": str(paths[1]), **evaluations[1]}, "difference": difference}
-    if args.eval_json:
-        Path(args.eval_json).write_text(json.dumps(result, indent=2))
-    return result
+    return score_checkpoints(args, env_kwargs, agent_from_checkpoint)
 
 
 def main(argv=None):

@@ -438,6 +438,47 @@ def load_rms_state(rms, state):
     rms.mean, rms.var, rms.count = state["mean"].numpy().copy(), state["var"].numpy().copy(), state["count"]
 
 
+def score_checkpoints(args, env_kwargs, agent_from_checkpoint):
+    """`--eval-only` (`args.eval_only`) or `--compare` (`args.compare`, A and B scored under A's protocol on the
+    same seeds, and A - B paired) of ppo_continuous.py, given its resolved options and `agent_from_checkpoint(
+    checkpoint, path)`. Every check comes before any evaluation. Prints the scores, writes them to `args.eval_json`
+    if given, and returns them."""
+    paths = [args.eval_only] if args.eval_only else list(args.compare)
+    if args.eval_json:
+        check_output_file(args.eval_json, "--eval-json")
+    with global_state(args):
+        checkpoints = [read_checkpoint(path) for path in paths]
+        trained_on, definition = checkpoints[0]["args"], checkpoints[0].get("problem_definition")
+        if definition and (args.env_id, args.env_kwargs) == (trained_on["env_id"], trained_on["env_kwargs"]):
+            env_kwargs = {**env_kwargs, **definition}  # the instance itself, not a path relative to where it trained
+        env_info = check_env(args.env_id, env_kwargs)
+        protocol = evaluation_protocol(args, env_info)
+        policies = []
+        for path, checkpoint in zip(paths, checkpoints):
+            check_fits_env(checkpoint, path, args.env_id, env_info)
+            agent = agent_from_checkpoint(checkpoint, path)
+            check_numpy_mirrors(agent)
+            policies.append(deterministic_numpy_policy(agent, observation_stats(checkpoint),
+                                                       checkpoint["args"]["clip_obs"]))
+        start = time.perf_counter()
+        evaluations = [evaluate(policy, args.env_id, env_kwargs, protocol, env_info["native_vector"])
+                       for policy in policies]
+    say(f"protocol {json.dumps(protocol)} ({time.perf_counter() - start:.1f} s)")
+    for path, checkpoint, evaluation in zip(paths, checkpoints, evaluations):
+        say(f"{path} (instance {checkpoint.get('instance')}, step {checkpoint['global_step']}): LTA return "
+            f"{format_score(evaluation)} (95% CI over {evaluation['episodes']} episodes)")
+    result = {"checkpoint": str(paths[0]), **evaluations[0]}
+    if args.compare:
+        difference = paired_difference(*evaluations)
+        say(f"A - B: {format_score(difference)} (paired 95% CI over the {difference['episodes']} episodes both faced "
+            f"with the same seeds; unpaired it would be +- {difference['unpaired_half_width']:.3g})")
+        result = {"a": {"checkpoint": str(paths[0]), **evaluations[0]},
+                  "b": {"checkpoint": str(paths[1]), **evaluations[1]}, "difference": difference}
+    if args.eval_json:
+        Path(args.eval_json).write_text(json.dumps(result, indent=2))
+    return result
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The run folder, its loggers, the terminal, and the process state a run borrows
 # ---------------------------------------------------------------------------------------------------------------
@@ -629,6 +670,22 @@ def field_docs(cls):
     body = ast.parse(inspect.getsource(cls)).body[0].body
     return {node.target.id: after.value.value for node, after in zip(body, body[1:])
             if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)}
+
+
+def checkpoint_defaults(cls, argv, flags, not_inherited):
+    """A `cls` of the options saved in the checkpoint that follows one of `flags` in `argv` (its first path), as
+    the defaults of a run that resumes or evaluates it; `cls()` if there is none. `not_inherited` are not taken."""
+    defaults = cls()
+    for flag in flags:
+        for i, word in enumerate(argv):
+            path = argv[i + 1] if word == flag and i + 1 < len(argv) else word.partition("=")[2] \
+                if word.startswith(flag + "=") else None
+            if path:
+                saved = read_checkpoint(path)["args"]
+                known = {field.name for field in dataclasses.fields(cls)} - set(not_inherited)
+                defaults = cls(**{name: tuple(value) if isinstance(value, list) else value
+                                  for name, value in saved.items() if name in known})
+    return defaults
 
 
 def grouped_cli(cls, defaults, groups, argv, description):

@@ -76,7 +76,7 @@ def trainer_args(trainer, env_id, num_envs, num_steps, iterations, workdir, **op
 def env_only_sps(env_id, num_envs, num_steps, iterations, workdir):
     args, env_kwargs = ppo_continuous.resolved_args(trainer_args(ppo_continuous, env_id, num_envs, num_steps,
                                                                  iterations, workdir))
-    envs, _ = ppo_continuous.make_training_envs(args, env_kwargs, check_env(env_id, env_kwargs))
+    envs = ppo_continuous.make_training_envs(args, env_kwargs, check_env(env_id, env_kwargs))[0]
     low, high = envs.single_action_space.low, envs.single_action_space.high
     rng = np.random.default_rng(0)
     envs.reset(seed=0)
