@@ -2,6 +2,7 @@
 
     python benchmarks/literature.py                                   # what is missing, then the table and the plot
     python benchmarks/literature.py --report                          # the table and the plot from stored results
+    python benchmarks/literature.py --parts optima classical          # no training
     python benchmarks/literature.py --instance reentrant-2 --seeds 11 12   # just these PPO runs, printed
 
 Instances (queueing/families.py): criss-cross-{il,bl,im,bm,ih,bh} and reentrant-{2..7} (6..21 classes).
@@ -29,6 +30,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from filelock import FileLock  # noqa: E402
 
 from queueing import exact  # noqa: E402
 from queueing.baselines import best_static_priority, make_policy, priority_policy, server_orders  # noqa: E402
@@ -82,10 +85,19 @@ def load_store():
     return json.loads(STORE.read_text()) if STORE.is_file() else {}
 
 
-def save_store(store):
-    temporary = STORE.with_suffix(".tmp")
-    temporary.write_text(json.dumps(store, indent=1, sort_keys=True) + "\n")
-    os.replace(temporary, STORE)
+def record(section, instance, value, seed=None):
+    """Stores one result, merged under a lock into what other processes stored meanwhile; returns the whole store."""
+    with FileLock(str(STORE) + ".lock"):
+        store = load_store()
+        entry = store.setdefault(section, {})
+        if seed is None:
+            entry[instance] = value
+        else:
+            entry.setdefault(instance, {})[str(seed)] = value
+        temporary = STORE.with_suffix(".tmp")
+        temporary.write_text(json.dumps(store, indent=1, sort_keys=True) + "\n")
+        os.replace(temporary, STORE)
+    return store
 
 
 def optimum_levels(instance):
@@ -291,7 +303,8 @@ def main():
     parser.add_argument("--seeds", nargs="+", type=int, default=None,
                         help="train just these seeds and print their results (not stored)")
     parser.add_argument("--report", action="store_true", help="only write the table and the plot from stored results")
-    parser.add_argument("--skip-ppo", action="store_true", help="optima and classical rules only")
+    parser.add_argument("--parts", nargs="+", choices=["optima", "classical", "ppo"], default=["optima", "classical", "ppo"],
+                        help="what to compute where missing (default: all)")
     parser.add_argument("--parallel", type=int, default=2, help="trainings at once (one core each)")
     parser.add_argument("--workdir", default=str(REPO / "runs" / "literature"), help="where run folders go")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="further trainer options (must come last)")
@@ -315,23 +328,20 @@ def main():
     store = load_store()
     if not options.report:
         for instance in instances:
-            if instance in CRISS_CROSS and instance not in store.setdefault("optima", {}):
-                store["optima"][instance] = optimum_levels(instance)
-                save_store(store)
+            if "optima" in options.parts and instance in CRISS_CROSS and instance not in store.get("optima", {}):
+                store = record("optima", instance, optimum_levels(instance))
                 log(f"{instance} optimum: " + ", ".join(f"L={level}: {cost:.5f}" for level, _, cost in store["optima"][instance]))
-            if instance not in store.setdefault("classical", {}):
-                store["classical"][instance] = classical_rules(instance, store, log)
-                save_store(store)
-        if not options.skip_ppo:
+            if "classical" in options.parts and instance not in store.get("classical", {}):
+                store = record("classical", instance, classical_rules(instance, store, log))
+        if "ppo" in options.parts:
             with ThreadPoolExecutor(options.parallel) as pool:
                 missing = [(instance, seed) for instance in instances for seed in default_seeds(instance)
-                           if str(seed) not in store.setdefault("ppo", {}).get(instance, {})]
+                           if str(seed) not in store.get("ppo", {}).get(instance, {})]
                 jobs = [(instance, seed, pool.submit(ppo_run, instance, seed, options.workdir, options.extra, store, log))
                         for instance, seed in missing]
                 for instance, seed, job in jobs:
-                    store["ppo"].setdefault(instance, {})[str(seed)] = job.result()
-                    save_store(store)
-    write_report(store)
+                    store = record("ppo", instance, job.result(), seed)
+    write_report(load_store())
     log(f"wrote {RESULTS / 'literature.md'} and {RESULTS / 'literature.png'}")
 
 
