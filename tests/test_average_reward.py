@@ -111,8 +111,21 @@ def test_ppo_runs_on_each_queueing_instance(indir, instance, mode):
                               reset_steps=64, eval_warmup=10, **mode))
     logged = scalars(summary["run_dir"])
     assert all(lta < 0 for lta in values(logged, "charts/avg_LTA_return"))  # holding costs: the reward is negative
+    # Two independent measurements of the raw reward agree: each rollout (2 envs x 128 steps) holds exactly two
+    # 64-step episodes per env, so its average reward per step is the mean of the two episodic LTA returns logged
+    # in it (both envs end together).
+    episodic = values(logged, "charts/avg_LTA_return")
+    assert len(episodic) == 4 and [step for step, _ in logged["charts/avg_LTA_return"]] == [128, 256, 384, 512]
+    assert values(logged, "charts/rollout_average_reward") == pytest.approx(
+        [np.mean(episodic[:2]), np.mean(episodic[2:])], rel=1e-5)
     assert summary["protocol"]["kind"] == "continuing" and summary["protocol"]["warmup"] == 10
     assert values(logged, "eval/LTA_return")[0] < 0
+    # best.pt re-scored from its file under the same protocol gives exactly its recorded score (common random
+    # numbers): the weights, the observation statistics and the problem travel with it.
+    best = torch.load(summary["run_dir"] / "best.pt", weights_only=True)
+    rescored = ppo_continuous.evaluate_checkpoints(ppo_continuous.cli_args(["--eval-only",
+                                                                            str(summary["run_dir"] / "best.pt")]))
+    assert rescored["mean"] == best["score"] == summary["best"]["mean"]
     assert summary["instance"].startswith("queueing_QueueNetwork-v0__") and instance in summary["instance"]
     assert read_instance(indir / "runs" / "checkpoints", summary["instance"])["entries"]
 
