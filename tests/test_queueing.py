@@ -232,23 +232,32 @@ def test_same_seed_gives_identical_trajectories_and_different_seeds_differ():
     assert not np.array_equal(first_obs, other_obs)
 
 
-def test_env_and_batched_simulation_share_the_dynamics():
-    # The env's stream: a key drawn from its seeded np_random, then one block of uniforms per slot.
-    env = QueueNetworkEnv("criss-cross")
-    network = env.network
-    env_obs, _ = env.reset(seed=11)
-    keys = np.array([draw_key(np.random.default_rng(11))])
-    queues = np.zeros((1, network.num_buffers), dtype=np.int64)
-    connected = draw_connectivity(network, slot_uniforms(keys, np.array([0]), network.draws_per_slot))
-    policy = POLICIES["maxweight"](network)
-    for slot in range(1, 301):
-        batched_obs = observation(network, queues, connected)
-        np.testing.assert_array_equal(env_obs, batched_obs[0])
-        action = policy(batched_obs)
-        uniforms = slot_uniforms(keys, np.array([slot]), network.draws_per_slot)
-        queues, connected, _ = step_dynamics(network, queues, connected, action, uniforms)
-        env_obs, env_reward, *_ = env.step(action[0])
-        assert env_reward == -holding_cost(network, queues)[0]
+def test_one_slot_of_a_continuous_time_line_has_the_uniformized_transition_probabilities():
+    # reentrant-2 under LBFS from one job everywhere: servers pick buffers 2 and 5; in a slot either an arrival at
+    # buffer 0 or 2 (rate 9/140 each), a completion at 2 (rate 1/4, the job goes to 5) or at 5 (rate 1, it leaves),
+    # or nothing.
+    network = Network.from_instance("reentrant-2")
+    rate = 2 * 9 / 140 + 1 / 2 + 1.0  # uniformization: arrivals + the fastest rate of each station
+    expected = {(1, 0, 0, 0, 0, 0): 9 / 140 / rate, (0, 0, 1, 0, 0, 0): 9 / 140 / rate,
+                (0, 0, -1, 0, 0, 1): 1 / 4 / rate, (0, 0, 0, 0, 0, -1): 1.0 / rate}
+    expected[(0,) * 6] = 1 - sum(expected.values())
+    copies = 400_000
+    queues = np.ones((copies, 6), dtype=np.int64)
+    weights = np.tile([0, 0, 1, 0, 0, 1], (copies, 1)).astype(np.float32)
+    uniforms = np.random.default_rng(7).random((copies, network.draws_per_slot))
+    new_queues, _, _ = step_dynamics(network, queues, np.ones_like(queues, dtype=bool), weights, uniforms)
+    changes, counts = np.unique(new_queues - queues, axis=0, return_counts=True)
+    observed = {tuple(change): count / copies for change, count in zip(changes, counts)}
+    assert set(observed) == set(expected)
+    for change, probability in expected.items():
+        assert abs(observed[change] - probability) < 4 * np.sqrt(probability * (1 - probability) / copies), change
+    # Served buffers 0 and 4 instead: a completion at 0 moves the job to 3, at 4 it leaves.
+    weights = np.tile([1, 0, 0, 0, 1, 0], (copies, 1)).astype(np.float32)
+    new_queues, _, _ = step_dynamics(network, queues, np.ones_like(queues, dtype=bool), weights, uniforms)
+    changes, counts = np.unique(new_queues - queues, axis=0, return_counts=True)
+    observed = {tuple(change): count / copies for change, count in zip(changes, counts)}
+    for change, probability in {(-1, 0, 0, 1, 0, 0): 1 / 8 / rate, (0, 0, 0, 0, -1, 0): 1 / 7 / rate}.items():
+        assert abs(observed[change] - probability) < 4 * np.sqrt(probability * (1 - probability) / copies), change
 
 
 def test_reset_validates_initial_queues():
@@ -421,18 +430,24 @@ def run_cli(*arguments):
     )
 
 
-def test_cli_prints_lta_and_confidence_interval():
-    result = run_cli("--instance", "criss-cross", "--policy", "maxweight", "--steps", "20000", "--warmup", "100")
+def test_cli_prints_a_steady_state_value_whose_interval_covers_the_exact_one():
+    result = run_cli("--instance", "single-server-2class", "--policy", "cmu", "--precision", "0.05", "--copies", "50")
     assert result.returncode == 0, result.stderr
-    assert "LTA return -" in result.stdout and "+-" in result.stdout
+    value = float(result.stdout.split("LTA return ")[1].split()[0])
+    half_width = float(result.stdout.split("+- ")[1].split()[0])
+    assert 0 < half_width <= 0.05 * abs(value)
+    assert abs(value - exact_cmu_lta_single_server_2class()) <= 1.5 * half_width
+    assert "first half of each discarded" in result.stdout
 
 
 @pytest.mark.parametrize(
     "arguments, message",
     [
-        (["--instance", "nope", "--steps", "100"], "unknown instance 'nope'"),
+        (["--instance", "nope", "--policy", "cmu"], "unknown instance 'nope'"),
         (["--policy", "best"], "unknown policy 'best'"),
-        (["--steps", "0"], "--steps"),
+        (["--policy", "cmu", "--copies", "1"], "--copies"),
+        (["--policy", "cmu", "--precision", "2"], "--precision"),
+        (["--instance", "criss-cross"], "exactly one of --policy"),
     ],
 )
 def test_cli_rejects_bad_arguments_with_one_line(arguments, message):
