@@ -230,7 +230,7 @@ def write_report(store):
         seeds = ", ".join(f"{run['cost']:.3f}" for _, run in sorted(runs.items()))
         rules = store.get("classical", {}).get(instance, {})
         lines.append(
-            f"| {instance[-2:].upper()} | {published['dp']} | {optimum} | {published['ppo']} ± {published['ppo_hw']} | "
+            f"| {instance[-2:].upper()} | {published['dp']:.3f} | {optimum} | {published['ppo']:.3f} ± {published['ppo_hw']:.3f} | "
             + (f"{ppo:.4f} ({seeds})" if runs else "–") + " | " + (f"{gap:+.2%}" if runs else "–") + " | "
             + cost_text(rules.get("cmu")) + " | " + cost_text(rules.get("best_static")) + " |")
     lines += [
@@ -249,7 +249,7 @@ def write_report(store):
                 f"{run['cost']:.2f} ± {run['half_width']:.2f} @ {run['best_step'] / 1e6:.0f}M" for _, run in sorted(runs.items())) + ")"
         rules = store.get("classical", {}).get(instance, {})
         lines.append(
-            f"| {3 * int(instance.split('-')[1])} | {published['ppo']} ± {published['ppo_hw']} | {published['rfp']} | "
+            f"| {3 * int(instance.split('-')[1])} | {published['ppo']:.3f} ± {published['ppo_hw']:.3f} | {published['rfp']:.3f} | "
             f"{published['lbfs']} | {published.get('qgym_ppo', '–')} | {ppo} | {cost_text(rules.get('best_static'))} | "
             f"{cost_text(rules.get('lbfs'))} | {cost_text(rules.get('fbfs'))} | {cost_text(rules.get('cmu'))} | "
             f"{cost_text(rules.get('maxweight'))} |")
