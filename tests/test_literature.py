@@ -101,7 +101,7 @@ def test_optimum_is_cached_per_model_and_level(exact_cache):
 
 def test_long_run_estimate_covers_the_exact_value():
     network = Network.from_instance("criss-cross-bl")
-    for name in ("cmu", "maxweight"):
+    for name in ("maxweight",):
         value = exact.gap_until_converged(network, 30, make_policy(name, network, exact=True), 0.0005).policy.lta_return
         result = long_run(network, make_policy(name, network), seed=3, copies=64, precision=0.01, first_horizon=4000)
         assert result.relative_half_width <= 0.01
