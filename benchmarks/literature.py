@@ -152,7 +152,7 @@ def train(instance, seed, workdir, extra):
     run_root.mkdir(parents=True, exist_ok=True)
     kwargs = json.dumps({"instance": instance, "allocation": "priority"})
     command = [sys.executable, str(REPO / "ppo_continuous.py"), "--env-id", "queueing:QueueNetwork-v0",
-               "--env-kwargs", kwargs, "--seed", str(seed), "--lower-is-better", "--compile", "--num-threads", "1",
+               "--env-kwargs", kwargs, "--seed", str(seed), "--compile", "--num-threads", "1",
                *RECOMMENDED[family(instance)], *extra]
     start = time.monotonic()
     with open(run_root / "train.log", "w") as log:
