@@ -521,7 +521,7 @@ class QueueNetworkEnv(gym.Env):
     # "continuing": the task never ends; time limits only cut it into episodes.
     metadata = {"render_modes": [], "continuing": True}
 
-    def __init__(self, instance: str | dict = "single-server-2class", allocation: str = "proportional"):
+    def __init__(self, instance: str | dict | Network = "single-server-2class", allocation: str | None = None):
         self.network = Network.from_instance(instance, allocation)
         num_buffers = self.network.num_buffers
         self.action_space = action_space(self.network)

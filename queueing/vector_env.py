@@ -44,7 +44,7 @@ class QueueNetworkVectorEnv(VectorEnv):
         num_envs: int = 1,
         instance: str | dict | Network = "single-server-2class",
         max_episode_steps: int | None = None,
-        allocation: str = "proportional",
+        allocation: str | None = None,
     ):
         if not isinstance(num_envs, int) or isinstance(num_envs, bool) or num_envs < 1:
             raise ValueError(f"num_envs must be a positive integer, got {num_envs!r}")
@@ -52,6 +52,7 @@ class QueueNetworkVectorEnv(VectorEnv):
             not isinstance(max_episode_steps, int) or isinstance(max_episode_steps, bool) or max_episode_steps < 1
         ):
             raise ValueError(f"max_episode_steps must be a positive integer or None, got {max_episode_steps!r}")
+        # None: a given Network keeps its own rule (anything else starts proportional).
         self.network = Network.from_instance(instance, allocation)
         self.num_envs = num_envs
         self.max_episode_steps = max_episode_steps

@@ -127,3 +127,18 @@ def test_static_priority_search_finds_the_exact_best_order():
             network, 30, priority_policy(network, order), 0.001).policy.lta_return
     found, _ = best_static_priority(network, [[2, 0, 1]], copies=64, horizon=8000)  # starts at the worse order
     assert tuple(found) == max(exact_costs, key=exact_costs.get)
+
+
+def test_long_run_keeps_the_networks_allocation_rule():
+    # Scores that are not 0/1 mean a strict priority under the priority rule and a random choice under the
+    # proportional one: the simulation must use the rule of the network it is given, as the exact solver does.
+    network = Network.from_instance("single-server-2class", "priority")
+
+    def scores(observations):
+        return np.tile([0.2, 0.1], (len(observations), 1)).astype(np.float32)
+
+    value = exact.gap_until_converged(network, 30, scores, 0.001).policy.lta_return
+    result = long_run(network, scores, seed=5, copies=64, precision=0.01, first_horizon=4000)
+    assert abs(result.lta_return - value) <= 1.5 * result.half_width
+    proportional = exact.gap_until_converged(Network.from_instance("single-server-2class"), 30, scores, 0.001)
+    assert abs(proportional.policy.lta_return - value) > 3 * result.half_width  # the two rules differ here

@@ -276,7 +276,7 @@ def test_numpy_mlp_refuses_a_network_it_does_not_mirror():
                                            (dict(average_reward=True), 0.99)])
 def test_reward_scaler_discounts_with_gamma_below_one_else_with_0_99(options, want):
     args, env_kwargs = resolved_args(fast_args(**options))
-    envs, reward_normalizer = make_training_envs(args, env_kwargs, check_env(args.env_id, env_kwargs))
+    envs, reward_normalizer, _ = make_training_envs(args, env_kwargs, check_env(args.env_id, env_kwargs))
     try:
         assert isinstance(reward_normalizer, gym.wrappers.vector.NormalizeReward)
         assert reward_normalizer.gamma == want

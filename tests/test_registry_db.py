@@ -122,7 +122,9 @@ def submit_and_hang_before_commit(location, instance, in_transaction):
 
     checkpoint_saver._trim = trim_then_hang  # in this forked process only
     saver = CheckpointSaver(location, instance, top_k=2, protocol=PROTOCOL)
-    saver.submit(99.0, {"weight": torch.full((256, 256), 99.0)}, "killed", 3, 0.5)
+    # Small enough that torch fills it on this thread: a forked child must not wake the parent's OpenMP pool,
+    # which a fork leaves unusable (the child would hang before the transaction).
+    saver.submit(99.0, {"weight": torch.full((64, 64), 99.0)}, "killed", 3, 0.5)
 
 
 def test_a_writer_killed_mid_submit_leaves_the_registry_as_before(registry, instance):
