@@ -25,6 +25,7 @@ import os
 import subprocess
 import sys
 import time
+from statistics import median
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -188,12 +189,6 @@ def ppo_run(instance, seed, workdir, extra, store, log):
     log(f"{instance} seed {seed}: best.pt {best}: cost {row['cost']:.4f}" +
         (f" +- {row['half_width']:.4f}" if "half_width" in row else f" (exact, gap {row['gap']:+.3%})"))
     return row
-
-
-def median(values):
-    ordered = sorted(values)
-    middle = len(ordered) // 2
-    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
 
 
 def cost_text(row):

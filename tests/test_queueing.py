@@ -16,13 +16,8 @@ from queueing.longrun import long_run
 from queueing.env import (
     Network,
     QueueNetworkEnv,
-    draw_connectivity,
-    draw_key,
-    holding_cost,
     load_instance,
-    observation,
     server_allocation,
-    slot_uniforms,
     step_dynamics,
 )
 
