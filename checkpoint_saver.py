@@ -16,7 +16,10 @@ Two tables, ``registry_instances`` (one row per instance: its protocol, ranking 
 Meaning: scores are comparable only under one evaluation protocol (a JSON-able dict, compared by value) and one
 direction (``lower_is_better``), recorded with an instance's first entry; a saver with another protocol or
 direction is refused with a one-line ``RegistryError``. A score enters only if it strictly beats the k-th (on
-equal scores the older entry stays first); NaN or infinite scores never enter. The instance stores its k: a
+equal scores the older entry stays first); NaN or infinite scores never enter. A score and half-width equal to an
+entry's exactly do not enter either: under one protocol (common random numbers) that is the same policy as far as
+the protocol can tell (under a priority rule, networks that make the same decisions give identical trajectories),
+so the earlier entry stays and ``CheckpointSaver.duplicate_of`` names it. The instance stores its k: a
 saver with a larger ``top_k`` raises it, one with a smaller one never lowers it.
 
 What the database guarantees, so this module does not have to (the folder registry before it locked files,
@@ -211,6 +214,7 @@ class CheckpointSaver:
         self.lower_is_better = lower_is_better
         self.protocol = _canonical_protocol(protocol)
         self.location = without_password(location)
+        self.duplicate_of: dict | None = None  # the entry the last submission equalled exactly, if it did
         self.engine = open_database(location, lock_timeout)
         weakref.finalize(self, self.engine.dispose)  # a sweep worker makes a saver per run: no connection piles up
         # The instance's protocol and direction, and the score to beat under the larger of its k and ours.
@@ -256,9 +260,12 @@ class CheckpointSaver:
         pre-check passes. The stored dict is the checkpoint plus the metadata keys ``score``,
         ``half_width``, ``run_name``, ``global_step``, ``created``, ``host``, ``instance``, ``protocol``,
         ``lower_is_better`` and ``top_k`` (which override same-named keys). Non-finite scores are never
-        stored. Raises ``RegistryError`` if the instance is ranked by another protocol or direction, on a
-        lock timeout, or if the database fails.
+        stored. A submission whose score and half-width equal an entry's exactly is not stored (the same
+        policy as far as the protocol can tell); ``duplicate_of`` is then that entry, else None. Raises
+        ``RegistryError`` if the instance is ranked by another protocol or direction, on a lock timeout, or if
+        the database fails.
         """
+        self.duplicate_of = None
         score = float(score)
         if not math.isfinite(score):
             return False
@@ -279,6 +286,9 @@ class CheckpointSaver:
         with self._writing() as (connection, top_k):
             if not _beats(score, _kth_score(connection, self.instance, top_k, self.lower_is_better),
                           self.lower_is_better):
+                return False
+            self.duplicate_of = _equal_entry(connection, self.instance, score, half_width)
+            if self.duplicate_of is not None:
                 return False
             connection.execute(sa.insert(entries_table), [{**entry, "instance": self.instance}])
             _trim(connection, self.instance, top_k, self.lower_is_better)
@@ -501,6 +511,17 @@ def _kth_score_query(instance: str, lower_is_better: bool, offset: int | sa.Scal
 
 def _kth_score(connection: sa.Connection, instance: str, top_k: int, lower_is_better: bool) -> float | None:
     return connection.execute(_kth_score_query(instance, lower_is_better, top_k - 1)).scalar()
+
+
+def _equal_entry(connection: sa.Connection, instance: str, score: float, half_width: float) -> dict | None:
+    """The oldest entry of ``instance`` with exactly this score and half-width ({run_name, global_step}), or None."""
+    row = connection.execute(
+        sa.select(entries_table.c.run_name, entries_table.c.global_step)
+        .where(entries_table.c.instance == instance, entries_table.c.score == score,
+               entries_table.c.half_width == half_width)
+        .order_by(entries_table.c.created, entries_table.c.id).limit(1)
+    ).one_or_none()
+    return None if row is None else dict(row._mapping)
 
 
 def _incompatibility(stored: sa.Row, shown: str, instance: str, protocol: dict,

@@ -583,7 +583,7 @@ class Run:
         self.obs_rms = RunningMeanStd(shape=(self.obs_size,)) if args.norm_obs else None
         self.counters = {"global_step": 0, "rollouts": 0, "resets": 0, "updates": 0, "minibatch_updates": 0,
                          "evaluations": 0}
-        self.rho = None
+        self.rho, self.told_duplicate = None, False
         if resumed is not None:
             self.restore(resumed)
         if self.counters["global_step"] + args.num_envs * args.num_steps > args.total_timesteps:
@@ -730,6 +730,12 @@ class Run:
             self.saver.submit(mean, lambda: make_checkpoint(self, evaluation), self.run_dir.name, step, half_width)
         except RegistryError as error:
             raise TrainError(str(error)) from None
+        if self.saver.duplicate_of is not None and not self.told_duplicate:
+            self.told_duplicate = True
+            same = self.saver.duplicate_of
+            say(f"registry: step {step} scored exactly as the entry of run {same['run_name']} at step "
+                f"{same['global_step']} (same protocol: the same policy as far as it can tell); the earlier entry is "
+                f"kept, as it will be for later equal scores")
         if on_evaluation is not None and on_evaluation(step, evaluation):
             self.stopped_by_callback = True
         return evaluation

@@ -121,13 +121,27 @@ def test_fewer_than_k_submissions_are_all_kept(tmp_path):
 
 def test_equal_scores_keep_the_older_checkpoint(tmp_path):
     saver = make_saver(tmp_path, top_k=2)
-    submit(saver, 5.0, "first", 1)
-    submit(saver, 5.0, "second", 2)
+    submit(saver, 5.0, "first", 1, half_width=0.5)
+    submit(saver, 5.0, "second", 2, half_width=0.4)
 
     assert not saver.would_enter(5.0)
-    assert not submit(saver, 5.0, "third", 3)
+    assert not submit(saver, 5.0, "third", 3, half_width=0.3)
     assert [entry["run_name"] for entry in saver.entries()] == ["first", "second"]
     assert_registry_holds(tmp_path, [5.0, 5.0])
+
+
+def test_an_exact_repeat_of_an_entry_is_kept_once_naming_the_earlier(tmp_path):
+    saver = make_saver(tmp_path, top_k=5)
+    assert submit(saver, -18.69, "first", 5, half_width=0.611)
+    assert saver.duplicate_of is None
+    # Another run (its own saver, as every process has) whose policy gives the very same evaluation.
+    other = make_saver(tmp_path, top_k=5)
+    assert not submit(other, -18.69, "second", 7, half_width=0.611)
+    assert other.duplicate_of == {"run_name": "first", "global_step": 5}
+    assert submit(other, -18.69, "third", 9, half_width=0.612)  # the same mean, another interval: another policy
+    assert other.duplicate_of is None
+    assert submit(other, -20.0, "fourth", 11, half_width=0.611)
+    assert [entry["run_name"] for entry in saver.entries()] == ["first", "third", "fourth"]
 
 
 @pytest.mark.parametrize("score", [math.nan, math.inf, -math.inf])

@@ -155,6 +155,17 @@ def test_same_seed_gives_bit_identical_weights_with_or_without_async_envs(indir)
     assert not all(torch.equal(first[key], other[key]) for key in first)
 
 
+def test_a_rerun_of_the_same_seed_adds_no_copies_to_the_registry_and_says_so(indir, capsys):
+    first = train(fast_args(seed=3))
+    entries = read_instance("runs/checkpoints", first["instance"])["entries"]
+    capsys.readouterr()
+    train(fast_args(seed=3))
+    assert read_instance("runs/checkpoints", first["instance"])["entries"] == entries
+    assert {entry["run_name"] for entry in entries} == {first["run_dir"].name}
+    told = [line for line in capsys.readouterr().out.splitlines() if line.startswith("registry:")]
+    assert len(told) == 1 and f"run {first['run_dir'].name} at step" in told[0], told
+
+
 @pytest.mark.parametrize("options", [dict(time_scaled=True), dict(time_scaled=True, moving_average=True),
                                      dict(moving_average=True), dict(moving_average=False)])
 def test_logged_returns_stay_in_raw_units(indir, options):
