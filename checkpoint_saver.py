@@ -365,7 +365,7 @@ def leaderboard(location: str | os.PathLike = DEFAULT_ROOT, instance: str | None
         return f"No checkpoints yet in the registry {without_password(location)}. {legacy_hint(location)}".strip()
     option = "" if str(location) == DEFAULT_ROOT else f" --registry {without_password(location)}"
     return "\n\n".join(tables) + (f"\n\nexport one: python checkpoint_saver.py export INSTANCE --rank N{option}"
-                                  "; in Python: ppo_continuous.load_checkpoint(instance=..., rank=N)")
+                                  "\nin Python: ppo_continuous.load_checkpoint(instance=..., rank=N)")
 
 
 def import_folders(root: str | os.PathLike, location: str | os.PathLike) -> tuple[list[str], bool]:
@@ -642,9 +642,12 @@ def _entry(location: str | os.PathLike, instance: str, rank: int) -> tuple[dict,
 def _format_instance(name: str, stored: dict) -> str:
     entries = stored["entries"]
     direction = "lower" if stored["lower_is_better"] else "higher"
-    title = (f"{name}  ({len(entries)} checkpoint(s), top {stored['top_k']} kept, {direction} score is "
-             f"better)\nprotocol: {_protocol_text(stored['protocol'])}")
-    rows = [[str(rank), f"{entry['score']:.6g} ± {entry['half_width']:.3g}", entry["run_name"],
+    title = (f"{name}\n{len(entries)} checkpoint(s), top {stored['top_k']} kept, {direction} score is better; "
+             f"protocol: {_protocol_text(stored['protocol'])}")
+    # A trainer's run name starts with the instance's key, which the title already shows: "…" stands for it.
+    rows = [[str(rank), f"{entry['score']:.6g} ± {entry['half_width']:.3g}",
+             entry["run_name"].replace(f"{name}__", "…__", 1) if entry["run_name"].startswith(f"{name}__")
+             else entry["run_name"],
              str(entry["global_step"]), time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(entry["created"])),
              entry["host"] or "?", f"{entry['bytes'] / 1024:.0f} KiB"]
             for rank, entry in enumerate(entries, start=1)]

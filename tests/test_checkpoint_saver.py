@@ -406,6 +406,17 @@ def test_leaderboard_shows_scores_with_ci_protocol_and_host(tmp_path):
     assert "cost-run" in only_costs and "alpha-run" not in only_costs
 
 
+def test_leaderboard_lines_do_not_repeat_a_long_instance_key(tmp_path):
+    instance = instance_key("queueing:QueueNetwork-v0", {"instance": "reentrant-7", "allocation": "priority",
+                                                         "observation": "scaled", "reset_state": "empty" * 10})
+    run_name = f"{instance}__ppo_continuous__1__1796080915"
+    submit(make_saver(tmp_path, instance), -55.5, run_name)
+    text = leaderboard(tmp_path)
+    assert text.splitlines()[0].startswith(instance)
+    assert "…__ppo_continuous__1__1796080915" in text and text.count(instance) == 1
+    assert max(len(line) for line in text.splitlines()) <= 160
+
+
 def test_instance_is_found_by_key_or_unique_part(tmp_path):
     for name in ["queueing__instance=criss-cross", "queueing__instance=criss-cross-2", "Hopper-v4"]:
         submit(make_saver(tmp_path, name), 1.0, f"run-of-{name}")
