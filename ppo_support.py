@@ -13,6 +13,7 @@ and the compiled update (given `ppo_loss`; it mirrors the rest of `minibatch_upd
 import ast
 import contextlib
 import dataclasses
+import hashlib
 import inspect
 import itertools
 import json
@@ -503,9 +504,17 @@ def open_registry(args, instance, protocol):
     return saver
 
 
+RUN_NAME_INSTANCE_LENGTH = 80
+
+
 def unique_run_dir(instance, args):
     """`runs/{instance}__{exp_name}__{seed}__{time}`, or with `-1`, `-2`, ... if taken. Each candidate is created
-    with one mkdir, which fails if it exists: runs started in the same second never share a folder."""
+    with one mkdir, which fails if it exists: runs started in the same second never share a folder. An instance
+    key longer than RUN_NAME_INSTANCE_LENGTH is cut there, ending in a hash of the whole, so that paths printed in
+    a terminal stay readable (the full key is in the checkpoints and the registry)."""
+    if len(instance) > RUN_NAME_INSTANCE_LENGTH:
+        digest = hashlib.sha256(instance.encode()).hexdigest()[:10]
+        instance = f"{instance[:RUN_NAME_INSTANCE_LENGTH - 11]}-{digest}"
     name = f"{instance}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = Path("runs") / name
     try:

@@ -277,6 +277,16 @@ def test_a_failure_after_the_envs_exist_leaves_no_env_process_and_no_folder(indi
     assert (indir / "runs").read_text() == "a file, not a folder"
 
 
+def test_a_long_instance_key_is_cut_in_the_run_name_but_kept_whole_in_the_checkpoint(indir):
+    summary = train(fast_args(problem_instance="study-" + "x" * 150))
+    assert len(summary["instance"]) == 120
+    name = summary["run_dir"].name
+    assert len(name) <= 80 + len("__ppo_continuous__1__1796080915") and name.startswith("study-xxx")
+    assert torch.load(summary["run_dir"] / "final.pt", weights_only=True)["instance"] == summary["instance"]
+    other = train(fast_args(problem_instance="study-" + "x" * 149))["run_dir"].name
+    assert other.split("__ppo_continuous")[0] != name.split("__ppo_continuous")[0]
+
+
 def test_runs_started_in_the_same_second_get_their_own_folders(indir, monkeypatch):
     monkeypatch.setattr(ppo_support.time, "time", lambda: 1_000_000_000.0)  # (in the past: no file looks stale)
     first = train(fast_args(total_timesteps=256))["run_dir"]
