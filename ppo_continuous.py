@@ -397,7 +397,9 @@ def make_training_envs(args, env_kwargs, env_info):
         # An undiscounted running return has no stationary scale, so the scaler discounts at 0.99 when gamma = 1.
         envs = reward_normalizer = gym.wrappers.vector.NormalizeReward(envs, gamma=args.gamma if args.gamma < 1
                                                                        else 0.99)
-        envs = gym.wrappers.vector.ClipReward(envs, -args.clip_reward, args.clip_reward)
+        # One numpy call per step: gymnasium's vector ClipReward clips each copy's reward in a Python loop.
+        envs = gym.wrappers.vector.TransformReward(envs, lambda reward: np.clip(reward, -args.clip_reward,
+                                                                                args.clip_reward))
     return envs, reward_normalizer, reward_meter
 
 
