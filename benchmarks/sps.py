@@ -14,15 +14,37 @@ same library API (`Args`, `train(args)` returning its timing).
 Everything is measured in one process, one configuration after the other, so the ratios are comparable on a
 noisy machine even when the absolute figures are not. Env-only SPS steps the same vector env with the same
 wrappers as training, with uniformly random actions.
+
+--peer COMMAND times another trainer's command line against ours (`python ppo_continuous.py`, its defaults,
+evaluations and registry included), both as subprocesses with wall time taken from outside, the same options
+appended to both (--env-id --total-timesteps --num-envs --num-steps --num-minibatches --update-epochs --seed:
+CleanRL's names). Each trainer runs T1 and T2 steps (--peer-timesteps, default 1 and 20 rollouts), alternated,
+--repeats times; marginal SPS = (T2 - T1) / (wall2 - wall1) is the steady-state speed and wall1 - T1 / marginal
+the fixed cost of a run (start-up and end). CleanRL's `ppo_continuous_action.py` targets gymnasium 0.29, this
+project 1.x, so it gets its own virtual environment (the PyPI package, 1.2.0, declares Python < 3.11: installed
+without its pinned dependencies, plus the ones the script imports; torch from the local CPU wheel):
+
+    python -m venv /work/cleanrl-venv
+    V=/work/cleanrl-venv/bin; S=/work/cleanrl-venv/lib/python3.11/site-packages/cleanrl/ppo_continuous_action.py
+    $V/pip install --find-links /opt/wheels torch==2.13.0 "gymnasium[mujoco]==0.29.1" "mujoco<3.2" "numpy<2" tyro \\
+        tensorboard
+    $V/pip install --no-deps --ignore-requires-python cleanrl==1.2.0
+    python benchmarks/sps.py --env-id HalfCheetah-v4 --peer "env OMP_NUM_THREADS=1 $V/python $S"
+
+CleanRL gives torch every core by default; on a loaded machine its 2 threads made it 20x slower, hence
+OMP_NUM_THREADS=1 (our trainer's default is 1 thread too); drop it on a quiet machine to time CleanRL as shipped.
 """
 
 import argparse
 import contextlib
 import importlib.util
 import io
+import math
 import os
 import re
 import resource
+import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -140,6 +162,83 @@ def peak_rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+# The settings both trainers get, under CleanRL's option names (argparse in its PyPI package, tyro on GitHub:
+# the same names); ours are the same. W&B tracking and video capture are off by default in both, so no flag.
+PEER_OPTIONS = {"env_id": "--env-id", "total_timesteps": "--total-timesteps", "num_envs": "--num-envs",
+                "num_steps": "--num-steps", "num_minibatches": "--num-minibatches", "update_epochs": "--update-epochs",
+                "seed": "--seed"}
+OUR_COMMAND = [sys.executable, str(REPO / "ppo_continuous.py")]
+
+
+class PeerError(Exception):
+    pass
+
+
+def command_line(prefix, **settings):
+    return [*prefix, *(item for name, value in settings.items() for item in (PEER_OPTIONS[name], str(value)))]
+
+
+def wall_seconds(command):
+    """Wall time of a whole process, in a fresh folder (its runs/ and registry start empty, as on a new machine)."""
+    with tempfile.TemporaryDirectory(prefix="sps-peer-") as folder:
+        start = time.perf_counter()
+        try:
+            completed = subprocess.run(command, cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                       text=True)
+        except OSError as error:
+            raise PeerError(f"cannot run {shlex.join(command)}: {error.strerror}") from None
+        elapsed = time.perf_counter() - start
+    if completed.returncode != 0:
+        lines = [line.strip(" │╭╮╰╯─") for line in completed.stderr.splitlines()]  # (tyro draws boxes)
+        last = [line for line in lines if any(char.isalnum() for char in line)][-1:] or ["no message"]
+        raise PeerError(f"{shlex.join(command)} failed with exit status {completed.returncode}: {last[0]}")
+    return elapsed
+
+
+def marginal_and_fixed(short_steps, short_wall, long_steps, long_wall):
+    """Steady-state SPS from two run lengths, and the fixed cost of a run (start-up and end) it leaves over."""
+    marginal = (long_steps - short_steps) / (long_wall - short_wall)
+    return marginal, short_wall - short_steps / marginal
+
+
+def peer_comparison(peer, configs, lengths, repeats):
+    trainers = {"ours": OUR_COMMAND, "peer": peer}
+    print(f"ours: {shlex.join(OUR_COMMAND)}\npeer: {shlex.join(peer)}\nruns of {lengths[0]} and {lengths[1]} "
+          f"steps, the two trainers in turn (which goes first alternates), {repeats} repeats; medians (min-max over "
+          f"repeats); fixed s = wall at {lengths[0]} steps minus those steps at the marginal speed")
+    print("| env | envs x steps | trainer | wall s, short | wall s, long | marginal SPS | fixed s |")
+    print("|---|---|---|---|---|---|---|")
+    for env_id, num_envs, num_steps in configs:
+        walls = {name: {length: [] for length in lengths} for name in trainers}
+        for repeat in range(repeats):
+            order = list(trainers) if repeat % 2 == 0 else list(reversed(trainers))
+            for length in lengths:
+                for name in order:
+                    walls[name][length].append(wall_seconds(command_line(
+                        trainers[name], env_id=env_id, total_timesteps=length, num_envs=num_envs, num_steps=num_steps,
+                        num_minibatches=32, update_epochs=10, seed=1)))
+        results = {name: [marginal_and_fixed(lengths[0], short, lengths[1], long)
+                          for short, long in zip(walls[name][lengths[0]], walls[name][lengths[1]])]
+                   for name in trainers}
+        for name in trainers:
+            print(f"| {env_id} | {num_envs} x {num_steps} | {name} | {spread(walls[name][lengths[0]], '.1f')} | "
+                  f"{spread(walls[name][lengths[1]], '.1f')} | {spread([m for m, _ in results[name]], '.0f')} | "
+                  f"{spread([f for _, f in results[name]], '.1f')} |")
+        marginal_ratios = [ours[0] / theirs[0] for ours, theirs in zip(results["ours"], results["peer"])]
+        whole_ratios = [theirs / ours for ours, theirs in zip(walls["ours"][lengths[1]], walls["peer"][lengths[1]])]
+        print(f"{env_id}, {num_envs} x {num_steps}: marginal speed ours / peer {spread(marginal_ratios, '.2f')}x; "
+              f"a whole {lengths[1]}-step process {spread(whole_ratios, '.2f')}x faster", flush=True)
+
+
+def spread(values, spec):
+    return f"{median(values):{spec}} ({min(values):{spec}}-{max(values):{spec}})"
+
+
+def fail(message):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--env-id")
@@ -150,9 +249,31 @@ def main():
     parser.add_argument("--modes", default="eager,compile", help="update modes to time: eager, compile (--compile)")
     parser.add_argument("--baseline-script", help="another ppo_continuous.py to time in the same run")
     parser.add_argument("--memory-steps", type=int, help="only run the memory check, with this many steps")
+    parser.add_argument("--peer", help="only time this trainer's command line against ours (options appended)")
+    parser.add_argument("--peer-timesteps", help="T1,T2: the two run lengths of --peer (default: 1 and 20 rollouts)")
     options = parser.parse_args()
     if not set(options.modes.split(",")) <= {"eager", "compile"}:
         parser.error(f"--modes takes eager, compile or both (comma-separated), got {options.modes}")
+    configs = [(options.env_id, options.num_envs, options.num_steps)] if options.env_id else PRESETS
+    if options.peer is not None:
+        peer = shlex.split(options.peer)
+        if not peer or shutil.which(peer[0]) is None:
+            fail(f"--peer: no command {peer[0] if peer else options.peer!r}; give a command line such as "
+                 f"\"/work/cleanrl-venv/bin/python /path/to/ppo_continuous_action.py\"")
+        rollout = math.lcm(*(num_envs * num_steps for _, num_envs, num_steps in configs))
+        try:
+            lengths = ([int(value) for value in options.peer_timesteps.split(",")] if options.peer_timesteps
+                       else [rollout, 20 * rollout])
+        except ValueError:
+            lengths = []
+        if len(lengths) != 2 or not 0 < lengths[0] < lengths[1] or lengths[0] % rollout or lengths[1] % rollout:
+            fail(f"--peer-timesteps takes T1,T2 with 0 < T1 < T2, both multiples of the rollout ({rollout} steps), "
+                 f"got {options.peer_timesteps}")
+        try:
+            peer_comparison(peer, configs, lengths, options.repeats)
+        except PeerError as error:
+            fail(str(error))
+        return
     workdir = tempfile.mkdtemp(prefix="sps-")
     os.chdir(workdir)  # runs/ of the timed runs go to a temporary folder
     if options.memory_steps:
@@ -164,7 +285,6 @@ def main():
                 subprocess.run([sys.executable, str(REPO / "benchmarks" / "sps.py"), *sys.argv[1:], "--modes", mode],
                                check=True)
         return
-    configs = [(options.env_id, options.num_envs, options.num_steps)] if options.env_id else PRESETS
     baseline = load_trainer(options.baseline_script) if options.baseline_script else None
     print(f"{os.cpu_count()} CPUs, torch threads 1, {options.iterations} rollouts per measurement, medians of "
           f"{options.repeats}; update: 10 epochs x 32 minibatches")
