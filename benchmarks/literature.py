@@ -240,7 +240,7 @@ def write_report(store):
         runs = store.get("ppo", {}).get(instance, {})
         ppo = median([run["cost"] for run in runs.values()]) if runs else None
         gap = median([run["gap"] for run in runs.values()]) if runs else None
-        seeds = ", ".join(f"{run['cost']:.3f}" for _, run in sorted(runs.items()))
+        seeds = ", ".join(f"{run['cost']:.4f}" for _, run in sorted(runs.items()))
         rules = store.get("classical", {}).get(instance, {})
         lines.append(
             f"| {instance[-2:].upper()} | {published['dp']:.3f} | {optimum} | {published['ppo']:.3f} ± {published['ppo_hw']:.3f} | "
