@@ -217,7 +217,12 @@ def cost_text(row):
     return f"{row['cost']:.3f} ± {row['half_width']:.3f}" + ("" if row.get("stationary", True) else " (drift)")
 
 
+README = REPO / "README.md"
+README_MARKERS = ("<!-- literature tables: written by benchmarks/literature.py -->", "<!-- end of literature tables -->")
+
+
 def write_report(store):
+    tables = result_tables(store)
     lines = [
         "# The literature's queueing benchmarks: published values and ours",
         "",
@@ -228,22 +233,49 @@ def write_report(store):
         "Long-run = independent replications started empty, first half of each discarded, horizon doubled until the "
         f"95% CI is within {LONG_RUN_PRECISION:.0%} (± is that half-width). PPO = the median over seeds of its best.pt.",
         "",
+        *tables,
+    ]
+    lines += ["", "## Best static priorities found", ""]
+    for instance in CRISS_CROSS + REENTRANT:
+        static = store.get("classical", {}).get(instance, {}).get("best_static")
+        if static:
+            lines.append(f"- {instance}: per server, highest priority first (buffers from 0): {static['order']}")
+    lines += ["", "## PPO runs", "", "| instance | seed | best.pt cost | steps of best.pt | wall | settings |", "|---|---|---|---|---|---|"]
+    for instance, runs in sorted(store.get("ppo", {}).items()):
+        for seed, run in sorted(runs.items()):
+            lines.append(f"| {instance} | {seed} | {cost_text(run)} | {run['best_step']:,} | {run['wall_seconds'] / 60:.0f} min "
+                         f"| `{run['settings']}` |")
+    (RESULTS / "literature.md").write_text("\n".join(lines) + "\n")
+    readme = README.read_text()
+    begin, end = readme.find(README_MARKERS[0]), readme.find(README_MARKERS[1])
+    if begin >= 0 and end > begin:
+        README.write_text(readme[:begin + len(README_MARKERS[0])] + "\n\n" + "\n".join(
+            line.replace("## ", "**", 1) + "**" if line.startswith("## ") else line for line in tables) + "\n\n"
+            + readme[end:])
+    draw(store)
+
+
+def result_tables(store):
+    """The criss-cross and re-entrant tables (markdown lines), for literature.md and the README."""
+    lines = [
         "## Criss-cross",
         "",
-        "| regime | D&G DP | ours: optimum (levels) | D&G PPO | ours: PPO best.pt, median (seeds) | gap | c-mu | best static |",
-        "|---|---|---|---|---|---|---|---|",
+        "| regime | D&G DP | ours: optimum (levels) | vs D&G DP | D&G PPO | ours: PPO best.pt, median (seeds) | gap | c-mu | best static |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for instance in CRISS_CROSS:
         published = PUBLISHED[instance]
         levels = store.get("optima", {}).get(instance)
         optimum = f"{levels[-1][2]:.4f} (L={levels[-2][0]}: {levels[-2][2]:.4f}, L={levels[-1][0]})" if levels else "–"
+        difference = f"{levels[-1][2] / published['dp'] - 1:+.2%}" if levels else "–"
         runs = store.get("ppo", {}).get(instance, {})
         ppo = median([run["cost"] for run in runs.values()]) if runs else None
         gap = median([run["gap"] for run in runs.values()]) if runs else None
         seeds = ", ".join(f"{run['cost']:.4f}" for _, run in sorted(runs.items()))
         rules = store.get("classical", {}).get(instance, {})
         lines.append(
-            f"| {instance[-2:].upper()} | {published['dp']:.3f} | {optimum} | {published['ppo']:.3f} ± {published['ppo_hw']:.3f} | "
+            f"| {instance[-2:].upper()} | {published['dp']:.3f} | {optimum} | {difference} | "
+            f"{published['ppo']:.3f} ± {published['ppo_hw']:.3f} | "
             + (f"{ppo:.4f} ({seeds})" if runs else "–") + " | " + (f"{gap:+.2%}" if runs else "–") + " | "
             + cost_text(rules.get("cmu")) + " | " + cost_text(rules.get("best_static")) + " |")
     for instance, check in sorted(store.get("greedy", {}).items()):
@@ -267,21 +299,10 @@ def write_report(store):
         rules = store.get("classical", {}).get(instance, {})
         lines.append(
             f"| {3 * int(instance.split('-')[1])} | {published['ppo']:.3f} ± {published['ppo_hw']:.3f} | {published['rfp']:.3f} | "
-            f"{published['lbfs']} | {published.get('qgym_ppo', '–')} | {ppo} | {cost_text(rules.get('best_static'))} | "
+            f"{published['lbfs']:.3f} | {published.get('qgym_ppo', '–')} | {ppo} | {cost_text(rules.get('best_static'))} | "
             f"{cost_text(rules.get('lbfs'))} | {cost_text(rules.get('fbfs'))} | {cost_text(rules.get('cmu'))} | "
             f"{cost_text(rules.get('maxweight'))} |")
-    lines += ["", "## Best static priorities found", ""]
-    for instance in CRISS_CROSS + REENTRANT:
-        static = store.get("classical", {}).get(instance, {}).get("best_static")
-        if static:
-            lines.append(f"- {instance}: per server, highest priority first (buffers from 0): {static['order']}")
-    lines += ["", "## PPO runs", "", "| instance | seed | best.pt cost | steps of best.pt | wall | settings |", "|---|---|---|---|---|---|"]
-    for instance, runs in sorted(store.get("ppo", {}).items()):
-        for seed, run in sorted(runs.items()):
-            lines.append(f"| {instance} | {seed} | {cost_text(run)} | {run['best_step']:,} | {run['wall_seconds'] / 60:.0f} min "
-                         f"| `{run['settings']}` |")
-    (RESULTS / "literature.md").write_text("\n".join(lines) + "\n")
-    draw(store)
+    return lines
 
 
 def draw(store):

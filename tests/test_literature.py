@@ -142,3 +142,23 @@ def test_long_run_keeps_the_networks_allocation_rule():
     assert abs(result.lta_return - value) <= 1.5 * result.half_width
     proportional = exact.gap_until_converged(Network.from_instance("single-server-2class"), 30, scores, 0.001)
     assert abs(proportional.policy.lta_return - value) > 3 * result.half_width  # the two rules differ here
+
+
+def test_the_report_takes_medians_over_seeds_and_rewrites_only_the_readme_tables(tmp_path, monkeypatch):
+    import benchmarks.literature as literature
+
+    store = {"optima": {"criss-cross-il": [[40, 1, 0.67062], [50, 2, 0.67063]]},
+             "ppo": {"criss-cross-il": {str(seed): {"cost": cost, "gap": gap, "how": "exact", "best_step": 1,
+                                                     "wall_seconds": 60, "settings": "s", "curve": []}
+                                        for seed, cost, gap in [(1, 0.6707, 0.0001), (2, 0.6800, 0.014),
+                                                                (3, 0.6715, 0.0013)]}}}
+    readme = tmp_path / "README.md"
+    readme.write_text(f"before\n{literature.README_MARKERS[0]}\nold table\n{literature.README_MARKERS[1]}\nafter\n")
+    monkeypatch.setattr(literature, "README", readme)
+    monkeypatch.setattr(literature, "RESULTS", tmp_path)
+    literature.write_report(store)
+    row = next(line for line in readme.read_text().splitlines() if line.startswith("| IL |"))
+    assert "| 0.6715 (0.6707, 0.6800, 0.6715) | +0.13% |" in row and "| -0.06% |" in row
+    text = readme.read_text()
+    assert text.startswith("before\n") and text.endswith("after\n") and "old table" not in text
+    assert row in (tmp_path / "literature.md").read_text() and (tmp_path / "literature.png").exists()
