@@ -17,13 +17,16 @@ What it computes, and how:
   half of each discarded, horizon doubled until the 95% CI is within 1% of the value).
 - PPO: trains each (instance, seed) through the trainer's CLI with `RECOMMENDED` settings for its family, then scores
   the run's best.pt like the classical rules (exact gap on criss-cross; long-run cost on the re-entrant lines).
-Results are kept in benchmarks/results/literature.json (run folders under --workdir, default runs/literature/), so
+An interrupted call resumes: a training that ran to its end is scored, not run again (`--no-training` scores just
+those). Results are kept in benchmarks/results/literature.json (run folders under --workdir, default runs/literature/), so
 a second call only computes what is missing; the report is benchmarks/results/literature.md and literature.png.
 """
 
 import argparse
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import time
@@ -165,10 +168,26 @@ def classical_rules(instance, store, log):
     return rows
 
 
+def finished_run(run_root):
+    """best.pt and wall seconds of a training that already ran to its end in `run_root` (its log says so), or None:
+    an interrupted `literature.py` resumes by scoring it instead of training it again."""
+    log = run_root / "train.log"
+    ended = re.search(r"^done: .*evaluations took [\d.]+ s of ([\d.]+) s$", log.read_text(), re.M) if log.is_file() else None
+    bests = list(run_root.glob("runs/*/best.pt"))
+    if ended is None or len(bests) != 1:
+        return None
+    return bests[0], float(ended.group(1))
+
+
 def train(instance, seed, workdir, extra):
-    """One PPO run through the CLI; returns its best.pt and wall seconds."""
+    """One PPO run through the CLI (unless it already ran to its end there); returns its best.pt and wall seconds."""
     run_root = Path(workdir) / instance / f"seed{seed}"
-    run_root.mkdir(parents=True, exist_ok=True)
+    finished = finished_run(run_root)
+    if finished is not None:
+        return finished
+    if run_root.exists():  # an interrupted training: start it again from scratch
+        shutil.rmtree(run_root)
+    run_root.mkdir(parents=True)
     kwargs = json.dumps({"instance": instance, "allocation": "priority"})
     command = [sys.executable, str(REPO / "ppo_continuous.py"), "--env-id", "queueing:QueueNetwork-v0",
                "--env-kwargs", kwargs, "--seed", str(seed), "--compile", "--num-threads", "1",
@@ -346,6 +365,8 @@ def main():
                         help="what to compute where missing (default: all); greedy: the optimal policy of a "
                              "truncation simulated on the untruncated heavy-traffic criss-cross networks")
     parser.add_argument("--parallel", type=int, default=2, help="trainings at once (one core each)")
+    parser.add_argument("--no-training", action="store_true",
+                        help="score the PPO runs that already ran to their end, start none")
     parser.add_argument("--workdir", default=str(REPO / "runs" / "literature"), help="where run folders go")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="further trainer options (must come last)")
     options = parser.parse_args()
@@ -381,7 +402,9 @@ def main():
         if "ppo" in options.parts:
             with ThreadPoolExecutor(options.parallel) as pool:
                 missing = [(instance, seed) for instance in instances for seed in default_seeds(instance)
-                           if str(seed) not in store.get("ppo", {}).get(instance, {})]
+                           if str(seed) not in store.get("ppo", {}).get(instance, {}) and not (
+                               options.no_training and finished_run(Path(options.workdir) / instance / f"seed{seed}")
+                               is None)]
                 jobs = [(instance, seed, pool.submit(ppo_run, instance, seed, options.workdir, options.extra, store, log))
                         for instance, seed in missing]
                 for instance, seed, job in jobs:
