@@ -162,3 +162,16 @@ def test_the_report_takes_medians_over_seeds_and_rewrites_only_the_readme_tables
     text = readme.read_text()
     assert text.startswith("before\n") and text.endswith("after\n") and "old table" not in text
     assert row in (tmp_path / "literature.md").read_text() and (tmp_path / "literature.png").exists()
+
+
+def test_a_finished_training_is_found_and_an_interrupted_one_is_not(tmp_path):
+    from benchmarks.literature import finished_run
+
+    best = tmp_path / "runs" / "some_run" / "best.pt"
+    best.parent.mkdir(parents=True)
+    best.write_bytes(b"")
+    log = tmp_path / "train.log"
+    log.write_text("step 16384/32768  SPS 20000\ninterrupted: step 16384/32768; evaluations took 3.0 s of 9.5 s\n")
+    assert finished_run(tmp_path) is None
+    log.write_text("step 16384/32768  SPS 20000\ndone: step 32768/32768; evaluations took 3.0 s of 19.5 s\n")
+    assert finished_run(tmp_path) == (best, 19.5)
