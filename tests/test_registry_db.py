@@ -54,9 +54,9 @@ def database_rows(location, instance):
     return stored, sorted((dict(row._mapping) for row in rows), key=lambda row: row["id"])
 
 
-# Writers are forked from this process, which has imported torch already: four fresh interpreters would spend
-# their time importing it, not racing.
-FORK = multiprocessing.get_context("fork")
+# Writers are fresh interpreters: a fork of a process with threads (torch's OpenMP pool, a pytest-xdist worker's
+# I/O thread) can inherit a lock held by one of them and hang. They import torch before they race (`ready`).
+SPAWN = multiprocessing.get_context("spawn")
 
 
 def race(location, instance, seed, ready, start, results):
@@ -66,7 +66,7 @@ def race(location, instance, seed, ready, start, results):
         time.sleep(0.005)
         trim(*args)
 
-    checkpoint_saver._trim = slow_trim  # in this forked process only
+    checkpoint_saver._trim = slow_trim  # in this writer process only
     saver = CheckpointSaver(location, instance, top_k=5, protocol=PROTOCOL)
     saver.check()
     ready.release()
@@ -83,8 +83,8 @@ def race(location, instance, seed, ready, start, results):
 
 
 def test_four_processes_at_once_end_with_the_exact_top_k(registry, instance):
-    ready, start, results = FORK.Semaphore(0), FORK.Event(), FORK.Queue()
-    processes = [FORK.Process(target=race, args=(registry, instance, seed, ready, start, results))
+    ready, start, results = SPAWN.Semaphore(0), SPAWN.Event(), SPAWN.Queue()
+    processes = [SPAWN.Process(target=race, args=(registry, instance, seed, ready, start, results))
                  for seed in range(4)]
     for process in processes:
         process.start()
@@ -120,10 +120,8 @@ def submit_and_hang_before_commit(location, instance, in_transaction):
         in_transaction.set()
         time.sleep(600)
 
-    checkpoint_saver._trim = trim_then_hang  # in this forked process only
+    checkpoint_saver._trim = trim_then_hang  # in this writer process only
     saver = CheckpointSaver(location, instance, top_k=2, protocol=PROTOCOL)
-    # Small enough that torch fills it on this thread: a forked child must not wake the parent's OpenMP pool,
-    # which a fork leaves unusable (the child would hang before the transaction).
     saver.submit(99.0, {"weight": torch.full((64, 64), 99.0)}, "killed", 3, 0.5)
 
 
@@ -132,8 +130,8 @@ def test_a_writer_killed_mid_submit_leaves_the_registry_as_before(registry, inst
     for step, score in enumerate([2.0, 1.0]):
         saver.submit(score, {"weight": torch.full((64, 64), score)}, "before", step, 0.1)
     before = database_rows(registry, instance)
-    in_transaction = FORK.Event()
-    writer = FORK.Process(target=submit_and_hang_before_commit, args=(registry, instance, in_transaction))
+    in_transaction = SPAWN.Event()
+    writer = SPAWN.Process(target=submit_and_hang_before_commit, args=(registry, instance, in_transaction))
     writer.start()
     try:
         assert in_transaction.wait(timeout=60)
