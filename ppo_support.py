@@ -33,12 +33,11 @@ from typing import Annotated
 
 import gymnasium as gym
 import numpy as np
-import scipy.stats
 import torch
 import torch.nn as nn
 import tyro
 from gymnasium.vector import AutoresetMode
-from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeRemainingColumn
+from scipy.special import stdtrit  # = scipy.stats.t.ppf(q, dof); importing scipy.stats would add ~1 s
 from threadpoolctl import threadpool_limits
 from torch.optim.adam import adam as functional_adam
 from torch.utils.tensorboard import SummaryWriter
@@ -368,7 +367,7 @@ def paired_difference(first, second, confidence=0.95):
     mean, half_width = mean_confidence_interval(a - b, confidence)
     var_a, var_b = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
     dof = (var_a + var_b) ** 2 / ((var_a ** 2 + var_b ** 2) / (len(a) - 1)) if var_a + var_b > 0 else len(a) - 1
-    unpaired = float(scipy.stats.t.ppf(0.5 + confidence / 2, dof) * math.sqrt(var_a + var_b))
+    unpaired = float(stdtrit(dof, 0.5 + confidence / 2) * math.sqrt(var_a + var_b))
     return {"mean": mean, "half_width": half_width, "episodes": len(a), "unpaired_half_width": unpaired}
 
 
@@ -376,7 +375,7 @@ def mean_confidence_interval(values, confidence=0.95):
     """The mean of independent measurements and the half-width of its Student-t confidence interval."""
     values = np.asarray(values, dtype=np.float64)
     sem = values.std(ddof=1) / math.sqrt(len(values))
-    return float(values.mean()), float(scipy.stats.t.ppf(0.5 + confidence / 2, len(values) - 1) * sem)
+    return float(values.mean()), float(stdtrit(len(values) - 1, 0.5 + confidence / 2) * sem)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -550,6 +549,8 @@ class Progress:
     def __init__(self, total, start):
         self.total, self.is_terminal, self.last_line, self.bar = total, sys.stdout.isatty(), -1, None
         if self.is_terminal:
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn,
+                                       TimeRemainingColumn)  # imported here: only a terminal needs it
             self.bar = RichProgress(TextColumn("steps"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                                     TextColumn("{task.fields[stats]}"))
             self.task = self.bar.add_task("train", total=total, completed=start, stats="")
