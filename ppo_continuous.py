@@ -732,12 +732,10 @@ class Run:
             self.saver.submit(mean, lambda: make_checkpoint(self, evaluation), self.run_dir.name, step, half_width)
         except RegistryError as error:
             raise TrainError(str(error)) from None
-        if self.saver.duplicate_of is not None and not self.told_duplicate:
+        if self.saver.duplicate_of is not None and not self.told_duplicate:  # said once: later repeats add nothing
             self.told_duplicate = True
-            same = self.saver.duplicate_of
-            say(f"registry: step {step} scored exactly as the entry of run {same['run_name']} at step "
-                f"{same['global_step']} (same protocol: the same policy as far as it can tell); the earlier entry is "
-                f"kept, as it will be for later equal scores")
+            say("registry: step {} scored exactly as run {run_name} at step {global_step} (the same policy as far as the "
+                "protocol can tell): only the earlier entry is kept".format(step, **self.saver.duplicate_of))
         if on_evaluation is not None and on_evaluation(step, evaluation):
             self.stopped_by_callback = True
         return evaluation
