@@ -227,8 +227,8 @@ def peer_comparison(peer, configs, lengths, repeats):
                   f"{spread([f for _, f in results[name]], '.1f')} |")
         marginal_ratios = [ours[0] / theirs[0] for ours, theirs in zip(results["ours"], results["peer"])]
         whole_ratios = [theirs / ours for ours, theirs in zip(walls["ours"][lengths[1]], walls["peer"][lengths[1]])]
-        print(f"{env_id}, {num_envs} x {num_steps}: marginal speed ours / peer {spread(marginal_ratios, '.2f')}x; "
-              f"a whole {lengths[1]}-step process {spread(whole_ratios, '.2f')}x faster", flush=True)
+        print(f"{env_id}, {num_envs} x {num_steps}: speed ours / peer, marginal {spread(marginal_ratios, '.2f')}x, "
+              f"of a whole {lengths[1]}-step process {spread(whole_ratios, '.2f')}x", flush=True)
 
 
 def spread(values, spec):
