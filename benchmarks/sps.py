@@ -169,6 +169,8 @@ PEER_OPTIONS = {"env_id": "--env-id", "total_timesteps": "--total-timesteps", "n
                 "num_steps": "--num-steps", "num_minibatches": "--num-minibatches", "update_epochs": "--update-epochs",
                 "seed": "--seed"}
 OUR_COMMAND = [sys.executable, str(REPO / "ppo_continuous.py")]
+# --ours-options that leave only the final one-episode evaluation, as CleanRL (which does not evaluate) would.
+NO_EVALUATION = "--eval-every 1000000000 --eval-nominated 0 --eval-episodes 1"
 
 
 class PeerError(Exception):
@@ -202,9 +204,9 @@ def marginal_and_fixed(short_steps, short_wall, long_steps, long_wall):
     return marginal, short_wall - short_steps / marginal
 
 
-def peer_comparison(peer, configs, lengths, repeats):
-    trainers = {"ours": OUR_COMMAND, "peer": peer}
-    print(f"ours: {shlex.join(OUR_COMMAND)}\npeer: {shlex.join(peer)}\nruns of {lengths[0]} and {lengths[1]} "
+def peer_comparison(peer, configs, lengths, repeats, ours=OUR_COMMAND):
+    trainers = {"ours": ours, "peer": peer}
+    print(f"ours: {shlex.join(ours)}\npeer: {shlex.join(peer)}\nruns of {lengths[0]} and {lengths[1]} "
           f"steps, the two trainers in turn (which goes first alternates), {repeats} repeats; medians (min-max over "
           f"repeats); fixed s = wall at {lengths[0]} steps minus those steps at the marginal speed")
     print("| env | envs x steps | trainer | wall s, short | wall s, long | marginal SPS | fixed s |")
@@ -252,6 +254,9 @@ def main():
     parser.add_argument("--memory-steps", type=int, help="only run the memory check, with this many steps")
     parser.add_argument("--peer", help="only time this trainer's command line against ours (options appended)")
     parser.add_argument("--peer-timesteps", help="T1,T2: the two run lengths of --peer (default: 1 and 20 rollouts)")
+    parser.add_argument("--ours-options", default="",
+                        help=f"options for our command line only, in --peer; \"{NO_EVALUATION}\" leaves only a "
+                             "final one-episode evaluation (CleanRL does not evaluate)")
     options = parser.parse_args()
     if not set(options.modes.split(",")) <= {"eager", "compile"}:
         parser.error(f"--modes takes eager, compile or both (comma-separated), got {options.modes}")
@@ -271,7 +276,7 @@ def main():
             fail(f"--peer-timesteps takes T1,T2 with 0 < T1 < T2, both multiples of the rollout ({rollout} steps), "
                  f"got {options.peer_timesteps}")
         try:
-            peer_comparison(peer, configs, lengths, options.repeats)
+            peer_comparison(peer, configs, lengths, options.repeats, OUR_COMMAND + shlex.split(options.ours_options))
         except PeerError as error:
             fail(str(error))
         return

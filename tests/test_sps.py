@@ -29,6 +29,12 @@ def test_our_trainer_reads_the_options_given_to_the_peer_as_the_same_settings():
     assert {name: getattr(args, name) for name in settings} == settings
 
 
+def test_the_suggested_ours_options_leave_only_the_final_one_episode_evaluation():
+    args = cli_args(sps.command_line(sps.NO_EVALUATION.split(), env_id="Pendulum-v1", total_timesteps=40960, num_envs=1, num_steps=2048,
+                                     num_minibatches=32, update_epochs=10, seed=1))
+    assert args.eval_every > args.total_timesteps and args.eval_nominated == 0 and args.eval_episodes == 1
+
+
 def test_marginal_speed_and_fixed_cost_from_two_run_lengths():
     fixed, speed = 4.5, 2000.0
     marginal, fixed_cost = sps.marginal_and_fixed(2048, fixed + 2048 / speed, 40960, fixed + 40960 / speed)
