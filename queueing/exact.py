@@ -548,7 +548,8 @@ def checkpoint_policy(path: str) -> tuple[Policy, dict | str, str]:
 
     import torch
 
-    from ppo_continuous import load_checkpoint
+    from ppo_continuous import agent_from_checkpoint
+    from ppo_support import deterministic_numpy_policy, observation_stats, read_checkpoint
 
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
@@ -565,12 +566,11 @@ def checkpoint_policy(path: str) -> tuple[Policy, dict | str, str]:
     if not isinstance(definition, dict) or "instance" not in definition:
         env_id = saved.get("args", {}).get("env_id", "?") if isinstance(saved.get("args"), dict) else "?"
         raise ValueError(f"checkpoint '{path}' was trained on {env_id}, not on a queueing instance (--env-kwargs had no \"instance\")")
-    agent, normalize_obs = load_checkpoint(path)
-
-    def policy(observations: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            return agent.get_deterministic_action(normalize_obs(observations)).numpy()
-
+    # The numpy mirror of the deterministic policy (what evaluation scores): no torch call per step, so no thread
+    # pool that stalls on a busy machine.
+    checkpoint = read_checkpoint(path)
+    agent = agent_from_checkpoint(checkpoint, path)
+    policy = deterministic_numpy_policy(agent, observation_stats(checkpoint), checkpoint["args"]["clip_obs"])
     return policy, definition["instance"], definition.get("allocation", "proportional")
 
 

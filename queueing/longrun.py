@@ -116,12 +116,9 @@ def long_run(network: Network | str | dict, policy: Policy, seed: int = 0, copie
 
 def checkpoint_policy(path: str) -> tuple[Policy, Network]:
     """A ppo_continuous.py checkpoint's deterministic policy (as numpy) and the network it was trained on."""
-    import torch
-
     from queueing.exact import checkpoint_policy as exact_checkpoint_policy
 
     policy, instance, allocation = exact_checkpoint_policy(path)
-    torch.set_num_threads(1)
     return policy, Network.from_instance(instance, allocation)
 
 
