@@ -43,6 +43,7 @@ from queueing import exact  # noqa: E402
 from queueing.baselines import best_static_priority, make_policy, priority_policy, server_orders  # noqa: E402
 from queueing.env import Network  # noqa: E402
 from queueing.families import CRISS_CROSS_REGIMES, REENTRANT_STATIONS  # noqa: E402
+from queueing.eventsim import event_long_run, static_order  # noqa: E402
 from queueing.longrun import long_run  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
@@ -52,10 +53,11 @@ REENTRANT = [f"reentrant-{stations}" for stations in REENTRANT_STATIONS]
 EXACT_TOLERANCE = 0.0005
 GREEDY_CHECKED = ["criss-cross-ih", "criss-cross-bh"]  # where truncation matters (light and moderate: levels 40/50)
 LONG_RUN_PRECISION = 0.01
-# Independent copies of a long-run evaluation: one numpy step of 1,000 copies costs less than 3x one of 200 on
-# reentrant-2 (measured: 0.32 against 0.17 million copy-slots per second, busy machine); each copy still discards
-# half its horizon (at least 10,000 slots), and long_run's stationarity check flags a warm-up that was too short.
+# Independent copies of a long-run evaluation (queueing.eventsim): the compiled static-priority path and the
+# per-event policy call both cost less per copy with more copies in one call; each copy still discards half its
+# horizon (at least 10,000 slots), and the stationarity check flags a warm-up that was too short.
 LONG_RUN_COPIES = 1000
+STATIC_SEARCH_HORIZON = 200_000  # slots per copy for each candidate of the static priority search
 CLASSICAL = ["cmu", "maxweight", "lbfs", "fbfs"]
 DG = "Dai & Gluzman (Stochastic Systems 2022, arXiv 2008.01644)"
 # Published values (cost per unit time). D&G criss-cross "DP" and PPO; D&G extended re-entrant PPO (95% CI), best
@@ -138,7 +140,9 @@ def greedy_check(instance, store):
 
 
 def score_policy(instance, policy, network=None, start_level=exact.DEFAULT_START_TRUNCATION):
-    """{cost, half_width, how}: exact (same truncated chain as the optimum) on criss-cross, long-run elsewhere.
+    """{cost, half_width, how}: exact (same truncated chain as the optimum) on criss-cross, long-run elsewhere
+    (`queueing.eventsim`, event by event). `policy`: a function of the observations, or a static priority order
+    (a list of buffers, highest first), which the long-run simulation runs compiled.
 
     `start_level`: the first truncation tried on criss-cross; the level before the optimum's converged one saves
     the coarse levels (the policy must still settle from there).
@@ -148,7 +152,9 @@ def score_policy(instance, policy, network=None, start_level=exact.DEFAULT_START
         gap = exact.gap_until_converged(network, start_level, policy, EXACT_TOLERANCE)
         return {"cost": -gap.policy.lta_return, "gap": gap.gap, "truncation": gap.policy.level,
                 "truncation_uncertainty": gap.truncation_uncertainty, "how": "exact"}
-    result = long_run(network, policy, seed=0, copies=LONG_RUN_COPIES, precision=LONG_RUN_PRECISION)
+    order = policy if isinstance(policy, list) else None
+    result = event_long_run(network, None if order else policy, order, seed=0, copies=LONG_RUN_COPIES,
+                            precision=LONG_RUN_PRECISION)
     return {"cost": -result.lta_return, "half_width": result.half_width, "copies": result.copies,
             "horizon": result.horizon, "stationary": result.stationary, "how": "long-run"}
 
@@ -161,12 +167,16 @@ def start_level(store, instance):
 def classical_rules(instance, store, log):
     network, rows, start = Network.from_instance(instance), {}, start_level(store, instance)
     for name in CLASSICAL:
-        rows[name] = score_policy(instance, make_policy(name, network, exact=family(instance) == "criss-cross"), network, start)
+        exact_chain = family(instance) == "criss-cross"
+        policy = make_policy(name, network, exact=exact_chain)
+        rows[name] = score_policy(instance, policy if exact_chain else static_order(name, network) or policy, network, start)
         log(f"{instance} {name}: {rows[name]['cost']:.4f}")
     starts = [list(range(network.num_buffers))[::-1], list(range(network.num_buffers)),
               sorted(range(network.num_buffers), key=lambda k: -network.service_rates[k])]
-    order, _ = best_static_priority(network, starts, log=lambda text: log(f"{instance} static search: {text}"))
-    rows["best_static"] = score_policy(instance, priority_policy(network, order), network, start)
+    order, _ = best_static_priority(network, starts, horizon=STATIC_SEARCH_HORIZON,
+                                    log=lambda text: log(f"{instance} static search: {text}"))
+    rows["best_static"] = score_policy(instance, priority_policy(network, order) if family(instance) == "criss-cross"
+                                       else order, network, start)
     rows["best_static"]["order"] = server_orders(order, network)
     log(f"{instance} best static priority {rows['best_static']['order']}: {rows['best_static']['cost']:.4f}")
     return rows
