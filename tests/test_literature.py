@@ -175,3 +175,15 @@ def test_a_finished_training_is_found_and_an_interrupted_one_is_not(tmp_path):
     assert finished_run(tmp_path) is None
     log.write_text("step 16384/32768  SPS 20000\ndone: step 32768/32768; evaluations took 3.0 s of 19.5 s\n")
     assert finished_run(tmp_path) == (best, 19.5)
+
+
+def test_heavy_traffic_trains_on_long_episodes():
+    from benchmarks.literature import recommended
+
+    def reset_steps(instance):
+        options = recommended(instance)
+        return int(options[options.index("--reset-steps") + 1])
+
+    assert [reset_steps(f"criss-cross-{regime}") for regime in ("il", "bl", "im", "bm")] == [5000] * 4
+    assert reset_steps("criss-cross-ih") == reset_steps("criss-cross-bh") == reset_steps("reentrant-7") == 100_000
+    assert recommended("criss-cross-bh").count("--reset-steps") == 1
