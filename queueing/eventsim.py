@@ -33,7 +33,7 @@ import numpy as np
 
 from queueing.env import Network, server_allocation
 from queueing.longrun import DEFAULT_COPIES, DEFAULT_FIRST_HORIZON, DEFAULT_MAX_HORIZON, DEFAULT_PRECISION, \
-    DRIFT_CONFIDENCE, LongRun, Policy, t_half_width
+    LongRun, Policy, check_sizes, doubling_estimate
 
 
 def check_network(network: Network) -> None:
@@ -134,10 +134,7 @@ def event_long_run(network: Network | str | dict, policy: Policy | None = None, 
     too (rounded), its `lta_return` minus the cost per unit time."""
     if (policy is None) == (order is None):
         raise ValueError("give exactly one of policy or order")
-    if copies < 2:
-        raise ValueError(f"copies must be at least 2 for a confidence interval, got {copies}")
-    if first_horizon < 4 or first_horizon % 4:
-        raise ValueError(f"first_horizon must be a positive multiple of 4, got {first_horizon}")
+    check_sizes(copies, first_horizon)
     start = time.perf_counter()
     network = Network.from_instance(network)
     check_network(network)
@@ -170,23 +167,9 @@ def event_long_run(network: Network | str | dict, policy: Policy | None = None, 
         return at_end
 
     to_time = 1.0 / network.uniformization_rate
-    marks = {0: np.zeros(copies)}
-    horizon = first_horizon
-    while True:
-        for quarter in range(1, 5):
-            end = horizon * quarter // 4
-            if end not in marks:
-                marks[end] = advance(end * to_time)
-        half, three_quarters = horizon // 2, 3 * horizon // 4
-        replications = -(marks[horizon] - marks[half]) / ((horizon - half) * to_time)
-        mean, half_width = float(replications.mean()), t_half_width(replications)
-        if half_width <= precision * abs(mean) or horizon * 2 > max_horizon:
-            third = -(marks[three_quarters] - marks[half]) / ((three_quarters - half) * to_time)
-            fourth = -(marks[horizon] - marks[three_quarters]) / ((horizon - three_quarters) * to_time)
-            drift = fourth - third
-            return LongRun(mean, half_width, copies, horizon, float(drift.mean()),
-                           t_half_width(drift, DRIFT_CONFIDENCE), time.perf_counter() - start, replications)
-        horizon *= 2
+    # The cost integral up to time T, as a reward summed over T * Lambda slots of the uniformized chain.
+    return doubling_estimate(lambda end: -advance(end * to_time) / to_time, copies, precision, first_horizon,
+                             max_horizon, start)
 
 
 STATIC_ORDERS = {

@@ -80,28 +80,40 @@ def long_run(network: Network | str | dict, policy: Policy, seed: int = 0, copie
 
     `policy` maps (copies, obs_dim) observations to (copies, K) actions, as the env takes them.
     """
+    check_sizes(copies, first_horizon)
+    start = time.perf_counter()
+    network = Network.from_instance(network)
+    envs = QueueNetworkVectorEnv(copies, network, max_episode_steps=None)
+    state = {"observations": envs.reset(seed=seed)[0], "slot": 0, "cumulative": np.zeros(copies)}
+
+    def reward_until(end: int) -> np.ndarray:
+        while state["slot"] < end:
+            state["observations"], rewards, *_ = envs.step(policy(state["observations"]))
+            state["cumulative"] += rewards
+            state["slot"] += 1
+        return state["cumulative"].copy()
+
+    return doubling_estimate(reward_until, copies, precision, first_horizon, max_horizon, start)
+
+
+def check_sizes(copies: int, first_horizon: int) -> None:
     if copies < 2:
         raise ValueError(f"copies must be at least 2 for a confidence interval, got {copies}")
     if first_horizon < 4 or first_horizon % 4:
         raise ValueError(f"first_horizon must be a positive multiple of 4, got {first_horizon}")
-    start = time.perf_counter()
-    network = Network.from_instance(network)
-    envs = QueueNetworkVectorEnv(copies, network, max_episode_steps=None)
-    observations, _ = envs.reset(seed=seed)
-    # Cumulative reward of each copy at every quarter of the current horizon.
-    cumulative, slot = np.zeros(copies), 0
-    marks = {0: cumulative.copy()}
+
+
+def doubling_estimate(reward_until: Callable[[int], np.ndarray], copies: int, precision: float, first_horizon: int,
+                      max_horizon: int, start: float) -> LongRun:
+    """The estimator of the module docstring. `reward_until(slot)`, called with increasing slots, runs every copy
+    up to `slot` and returns each copy's reward summed from the start."""
+    marks = {0: np.zeros(copies)}  # each copy's cumulative reward at every quarter of the horizons so far
     horizon = first_horizon
     while True:
         for quarter in range(1, 5):
             end = horizon * quarter // 4
-            if end in marks:
-                continue
-            while slot < end:
-                observations, rewards, *_ = envs.step(policy(observations))
-                cumulative += rewards
-                slot += 1
-            marks[end] = cumulative.copy()
+            if end not in marks:
+                marks[end] = reward_until(end)
         half, three_quarters = horizon // 2, 3 * horizon // 4
         replications = (marks[horizon] - marks[half]) / (horizon - half)
         mean, half_width = float(replications.mean()), t_half_width(replications)
