@@ -43,7 +43,7 @@ from queueing import exact  # noqa: E402
 from queueing.baselines import best_static_priority, make_policy, priority_policy, server_orders  # noqa: E402
 from queueing.env import Network  # noqa: E402
 from queueing.families import CRISS_CROSS_REGIMES, REENTRANT_STATIONS  # noqa: E402
-from queueing.eventsim import event_long_run, static_order  # noqa: E402
+from queueing.eventsim import event_long_run, index_rule  # noqa: E402
 from queueing.longrun import long_run  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
@@ -155,8 +155,8 @@ def greedy_check(instance, store):
 
 def score_policy(instance, policy, network=None, start_level=exact.DEFAULT_START_TRUNCATION):
     """{cost, half_width, how}: exact (same truncated chain as the optimum) on criss-cross, long-run elsewhere
-    (`queueing.eventsim`, event by event). `policy`: a function of the observations, or a static priority order
-    (a list of buffers, highest first), which the long-run simulation runs compiled.
+    (`queueing.eventsim`, event by event). `policy`: a function of the observations, a static priority order (a
+    list of buffers, highest first) or an index rule (a tuple, `queueing.eventsim.index_rule`): those two run compiled.
 
     `start_level`: the first truncation tried on criss-cross; the level before the optimum's converged one saves
     the coarse levels (the policy must still settle from there).
@@ -166,9 +166,8 @@ def score_policy(instance, policy, network=None, start_level=exact.DEFAULT_START
         gap = exact.gap_until_converged(network, start_level, policy, EXACT_TOLERANCE)
         return {"cost": -gap.policy.lta_return, "gap": gap.gap, "truncation": gap.policy.level,
                 "truncation_uncertainty": gap.truncation_uncertainty, "how": "exact"}
-    order = policy if isinstance(policy, list) else None
-    result = event_long_run(network, None if order else policy, order, seed=0, copies=LONG_RUN_COPIES,
-                            precision=LONG_RUN_PRECISION)
+    kind = {list: "order", tuple: "index"}.get(type(policy), "policy")
+    result = event_long_run(network, seed=0, copies=LONG_RUN_COPIES, precision=LONG_RUN_PRECISION, **{kind: policy})
     return {"cost": -result.lta_return, "half_width": result.half_width, "copies": result.copies,
             "horizon": result.horizon, "stationary": result.stationary, "how": "long-run"}
 
@@ -183,7 +182,7 @@ def classical_rules(instance, store, log):
     for name in CLASSICAL:
         exact_chain = family(instance) == "criss-cross"
         policy = make_policy(name, network, exact=exact_chain)
-        rows[name] = score_policy(instance, policy if exact_chain else static_order(name, network) or policy, network, start)
+        rows[name] = score_policy(instance, policy if exact_chain else index_rule(name, network) or policy, network, start)
         log(f"{instance} {name}: {rows[name]['cost']:.4f}")
     starts = [list(range(network.num_buffers))[::-1], list(range(network.num_buffers)),
               sorted(range(network.num_buffers), key=lambda k: -network.service_rates[k])]

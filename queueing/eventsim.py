@@ -18,8 +18,9 @@ difference of the last two quarters checks stationarity. Horizons are given in s
 env's unit, T_slots = T * Lambda) so that both simulators read the same. Decisions depend on the simulated values
 only: a seed gives the same answer on any machine.
 
-A static priority order runs entirely in compiled code. Any other policy (a checkpoint's network, MaxWeight) is a
-function of the queue lengths called once per event for all copies at once, as the env would call it.
+An index rule (a static priority, c-mu, MaxWeight, LBFS, FBFS: each server serves its non-empty buffers of the
+largest slope_k q_k + offset_k) runs entirely in compiled code. Any other policy, a checkpoint's network for one, is
+a function of the queue lengths called once per event for all copies at once, as the env would call it.
 """
 
 from __future__ import annotations
@@ -71,26 +72,32 @@ def _event(queues, copy, service, arrival_rates, routing_high, has_routing):
 
 
 @numba.njit(cache=True)
-def _run_static(queues, clock, integral, end, rank_order, server_of_buffer, num_servers, service_rates,
-                arrival_rates, holding_costs, routing_high, has_routing):
-    """Advances every copy under the static priority `rank_order` (buffers, highest priority first) until its clock
-    reaches `end`; `integral` gets each copy's cost integral up to `end` exactly (the last holding time is split)."""
+def _run_index(queues, clock, integral, end, slope, offset, server_of_buffer, num_servers, service_rates,
+               arrival_rates, holding_costs, routing_high, has_routing):
+    """Advances every copy under an index rule until its clock reaches `end`: each server serves its non-empty
+    buffers of the largest slope_k * q_k + offset_k (tied buffers share it equally, as `queueing.baselines` rules
+    do); `integral` gets each copy's cost integral up to `end` exactly (the last holding time is split)."""
     copies, num_buffers = queues.shape
     service = np.zeros(num_buffers)
-    served = np.zeros(num_servers, dtype=np.bool_)
+    score = np.zeros(num_buffers)
+    top = np.zeros(num_servers)
+    ties = np.zeros(num_servers)
     at_end = np.empty(copies)
     for copy in range(copies):
         while True:
-            service[:] = 0.0
-            served[:] = False
+            top[:] = -np.inf
+            ties[:] = 0.0
             cost = 0.0
             for k in range(num_buffers):
                 cost += holding_costs[k] * queues[copy, k]
-            for k in rank_order:
-                server = server_of_buffer[k]
-                if not served[server] and queues[copy, k] > 0:
-                    served[server] = True
-                    service[k] = service_rates[k]
+                score[k] = slope[k] * queues[copy, k] + offset[k] if queues[copy, k] > 0 else -np.inf
+                top[server_of_buffer[k]] = max(top[server_of_buffer[k]], score[k])
+            for k in range(num_buffers):
+                if score[k] > -np.inf and score[k] == top[server_of_buffer[k]]:
+                    ties[server_of_buffer[k]] += 1.0
+            for k in range(num_buffers):
+                served = score[k] > -np.inf and score[k] == top[server_of_buffer[k]]
+                service[k] = service_rates[k] / ties[server_of_buffer[k]] if served else 0.0
             holding = 1.0 / (arrival_rates.sum() + service.sum())
             if clock[copy] + holding >= end:
                 at_end[copy] = integral[copy] + cost * (end - clock[copy])
@@ -127,20 +134,26 @@ def _step_given_service(queues, clock, integral, at_end, active, end, service, a
 
 def event_long_run(network: Network | str | dict, policy: Policy | None = None, order: list[int] | None = None,
                    seed: int = 0, copies: int = DEFAULT_COPIES, precision: float = DEFAULT_PRECISION,
-                   first_horizon: int = DEFAULT_FIRST_HORIZON, max_horizon: int = DEFAULT_MAX_HORIZON) -> LongRun:
-    """`queueing.longrun.long_run` for a continuous-time network, event by event: give the policy as `order` (a
-    static priority, buffers highest first, all compiled) or as `policy` (observations -> actions, as the env takes
-    them under the network's allocation rule). Horizons in slots of the uniformized chain; the result's `horizon`
-    too (rounded), its `lta_return` minus the cost per unit time."""
-    if (policy is None) == (order is None):
-        raise ValueError("give exactly one of policy or order")
+                   first_horizon: int = DEFAULT_FIRST_HORIZON, max_horizon: int = DEFAULT_MAX_HORIZON,
+                   index: tuple[np.ndarray, np.ndarray] | None = None) -> LongRun:
+    """`queueing.longrun.long_run` for a continuous-time network, event by event. Give the policy as one of: `order`
+    (a static priority, buffers highest first), `index` (slope, offset: each server serves its non-empty buffers of
+    the largest slope_k q_k + offset_k; see `index_rule`), both run compiled, or `policy` (observations -> actions,
+    as the env takes them under the network's allocation rule). Horizons in slots of the uniformized chain; the
+    result's `horizon` too, its `lta_return` minus the cost per unit time."""
+    if sum(given is not None for given in (policy, order, index)) != 1:
+        raise ValueError("give exactly one of policy, order or index")
     check_sizes(copies, first_horizon)
     start = time.perf_counter()
     network = Network.from_instance(network)
     check_network(network)
     num_buffers = network.num_buffers
-    if order is not None and sorted(order) != list(range(num_buffers)):
-        raise ValueError(f"a priority order must list each of the buffers 0..{num_buffers - 1} once, got {order}")
+    if order is not None:
+        if sorted(order) != list(range(num_buffers)):
+            raise ValueError(f"a priority order must list each of the buffers 0..{num_buffers - 1} once, got {order}")
+        rank = np.empty(num_buffers)
+        rank[order] = np.arange(num_buffers)
+        index = (np.zeros(num_buffers), -rank)
     arrays = dict(arrival_rates=network.arrival_rates.astype(np.float64),
                   holding_costs=network.holding_costs.astype(np.float64),
                   routing_high=(network.routing_high if network.routing_high is not None
@@ -154,10 +167,10 @@ def event_long_run(network: Network | str | dict, policy: Policy | None = None, 
     def advance(end: float) -> np.ndarray:
         if (clock >= end).any():  # a holding time longer than a quarter of the horizon
             raise ValueError(f"first_horizon {first_horizon} is too short for {network.name}: raise it")
-        if order is not None:
-            return _run_static(queues, clock, integral, end, np.asarray(order, dtype=np.int64),
-                               network.server_of_buffer.astype(np.int64), len(network.server_membership),
-                               network.service_rates.astype(np.float64), **arrays)
+        if index is not None:
+            return _run_index(queues, clock, integral, end, np.asarray(index[0], dtype=np.float64),
+                              np.asarray(index[1], dtype=np.float64), network.server_of_buffer.astype(np.int64),
+                              len(network.server_membership), network.service_rates.astype(np.float64), **arrays)
         at_end, active = np.empty(copies), np.ones(copies, dtype=bool)
         while active.any():
             actions = policy(queues.astype(np.float32))
@@ -172,24 +185,14 @@ def event_long_run(network: Network | str | dict, policy: Policy | None = None, 
                              max_horizon, start)
 
 
-STATIC_ORDERS = {
-    "lbfs": lambda network: list(range(network.num_buffers))[::-1],
-    "fbfs": lambda network: list(range(network.num_buffers)),
-}
-
-
-def static_order(name: str, network: Network) -> list[int] | None:
-    """The priority order of a classical rule that is a static priority (LBFS, FBFS, and c-mu without ties within
-    a server), or None: then the rule runs as a policy function."""
-    if name in STATIC_ORDERS:
-        return STATIC_ORDERS[name](network)
-    if name == "cmu":
-        index = network.holding_costs * network.service_rates
-        for buffers in network.server_membership.astype(bool):
-            if len(set(index[buffers])) < buffers.sum():
-                return None  # ties share the server: not a strict order
-        return [int(k) for k in np.argsort(-index, kind="stable")]
-    return None
+def index_rule(name: str, network: Network) -> tuple[np.ndarray, np.ndarray] | None:
+    """(slope, offset) of a classical rule that is an index rule, as `queueing.baselines` defines it (ties share the
+    server), or None: c-mu (offset c_k mu_k), MaxWeight (slope c_k mu_k), LBFS and FBFS (offset from the index)."""
+    num_buffers, zeros = network.num_buffers, np.zeros(network.num_buffers)
+    index = network.holding_costs * network.service_rates
+    rules = {"cmu": (zeros, index), "maxweight": (index, zeros), "lbfs": (zeros, np.arange(num_buffers, dtype=float)),
+             "fbfs": (zeros, -np.arange(num_buffers, dtype=float))}
+    return rules.get(name)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -211,14 +214,14 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--copies must be >= 2 and --precision in (0, 1)")
     try:
         if args.checkpoint:
-            policy, network = checkpoint_policy(args.checkpoint)
-            order, what = None, f"checkpoint {args.checkpoint}"
+            (policy, network), index = checkpoint_policy(args.checkpoint), None
+            what = f"checkpoint {args.checkpoint}"
         else:
             network = Network.from_instance(args.instance or "criss-cross-bh")
-            order = static_order(args.policy, network)
-            policy = None if order is not None else make_policy(args.policy, network, np.random.default_rng(args.seed))
+            index = index_rule(args.policy, network)
+            policy = None if index is not None else make_policy(args.policy, network, np.random.default_rng(args.seed))
             what = f"policy {args.policy}"
-        result = event_long_run(network, policy, order, args.seed, args.copies, args.precision)
+        result = event_long_run(network, policy, None, args.seed, args.copies, args.precision, index=index)
     except ValueError as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     print(f"instance {network.name}, {what}: {result.describe()} (event by event); seed {args.seed}; "

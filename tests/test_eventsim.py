@@ -9,7 +9,7 @@ import pytest
 from queueing import exact
 from queueing.baselines import make_policy, priority_policy
 from queueing.env import Network
-from queueing.eventsim import event_long_run, static_order
+from queueing.eventsim import event_long_run, index_rule
 from tests.conftest import REPO
 
 # Continuous time, routing (buffer 0 feeds buffer 1) and two servers, light enough for a small truncation.
@@ -51,26 +51,25 @@ def test_a_policy_function_costs_its_exact_value_under_the_networks_allocation_r
 
 def test_the_same_seed_gives_the_same_estimate_and_another_seed_another():
     network = Network.from_instance("reentrant-2")
-    order = static_order("lbfs", network)
-    runs = [event_long_run(network, order=order, seed=seed, copies=8, precision=0.5, first_horizon=4000)
+    runs = [event_long_run(network, index=index_rule("lbfs", network), seed=seed, copies=8, precision=0.5, first_horizon=4000)
             for seed in (1, 1, 2)]
     assert runs[0].lta_return == runs[1].lta_return != runs[2].lta_return
 
 
-def test_static_orders_of_the_classical_rules():
-    network = Network.from_instance("reentrant-2")  # c mu per station: (1/8, 1/2, 1/4) and (1/6, 1/7, 1)
-    assert static_order("lbfs", network) == [5, 4, 3, 2, 1, 0]
-    assert static_order("fbfs", network) == [0, 1, 2, 3, 4, 5]
-    order = static_order("cmu", network)
-    assert [k for k in order if k < 3] == [1, 2, 0] and [k for k in order if k >= 3] == [5, 3, 4]
-    assert static_order("cmu", Network.from_instance("criss-cross-il")) is None  # mu1 = mu3: a tie shares the server
-    assert static_order("maxweight", network) is None
+@pytest.mark.parametrize("instance, name", [(ROUTED, "cmu"), (ROUTED, "maxweight"), (ROUTED, "lbfs"),
+                                            ("criss-cross-il", "cmu")])  # the last: mu1 = mu3, a tie shares the server
+def test_compiled_index_rules_cost_the_exact_value_of_the_classical_rule(instance, name):
+    network = Network.from_instance(instance)
+    value = exact_cost(network, make_policy(name, network, exact=True))
+    result = event_long_run(network, index=index_rule(name, network), seed=6, copies=200, precision=0.005,
+                            first_horizon=4000)
+    assert abs(-result.lta_return - value) <= 1.5 * result.half_width, (name, result, value)
 
 
 def test_bad_input_is_refused():
     with pytest.raises(ValueError, match="discrete-time network"):  # (connectivity exists in discrete time only)
         event_long_run("single-server-2class", order=[0, 1])
-    with pytest.raises(ValueError, match="exactly one of policy or order"):
+    with pytest.raises(ValueError, match="exactly one of policy, order or index"):
         event_long_run(ROUTED)
     with pytest.raises(ValueError, match="must list each of the buffers 0..2 once"):
         event_long_run(ROUTED, order=[0, 0, 1])
