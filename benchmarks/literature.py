@@ -13,7 +13,7 @@ What it computes, and how:
   network (`queueing.longrun`, 95% CI within 0.5%): what an optimal policy costs with nothing blocked.
 - the classical rules (c-mu, MaxWeight, LBFS = highest class index first as in D&G, FBFS) and the best static priority
   a coordinate search finds (`queueing.baselines.best_static_priority`): on criss-cross exactly, on the same truncated
-  chains as the optimum; on the re-entrant lines by `queueing.longrun` (independent replications from empty, first
+  chains as the optimum; on the re-entrant lines by `queueing.eventsim` (1,000 independent replications from empty, first
   half of each discarded, horizon doubled until the 95% CI is within 1% of the value).
 - PPO: trains each (instance, seed) through the trainer's CLI with the `recommended` settings of its instance, then scores
   the run's best.pt like the classical rules (exact gap on criss-cross; long-run cost on the re-entrant lines).
@@ -276,7 +276,8 @@ def write_report(store):
         f"{DG}; QGym (Chen et al., NeurIPS 2024 D&B) scores 100 runs started empty with no warm-up, which reads low.",
         "Ours: exact = relative value iteration on a truncated chain, truncation raised until the value moves by "
         f"< {EXACT_TOLERANCE:.2%}; a policy's exact cost is on the same truncated chains as the optimum (gap >= 0). "
-        "Long-run = independent replications started empty, first half of each discarded, horizon doubled until the "
+        "Long-run = 1,000 independent replications started empty, simulated event by event (queueing.eventsim), "
+        "first half of each discarded, horizon doubled until the "
         f"95% CI is within {LONG_RUN_PRECISION:.0%} (± is that half-width). PPO = the median over seeds of its best.pt.",
         "",
         *tables,
