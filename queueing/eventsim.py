@@ -72,6 +72,22 @@ def _event(queues, copy, service, arrival_rates, routing_high, has_routing):
 
 
 @numba.njit(cache=True)
+def _hold_and_jump(queues, copy, clock, integral, service, end, arrival_rates, holding_costs, routing_high,
+                   has_routing):
+    """Charges one copy its state's cost for the expected holding time 1/R, then applies its next event. Returns the
+    cost integral at `end` if this holding time reaches `end` (the interval split exactly), else NaN."""
+    cost = 0.0
+    for k in range(queues.shape[1]):
+        cost += holding_costs[k] * queues[copy, k]
+    holding = 1.0 / (arrival_rates.sum() + service.sum())
+    at_end = integral[copy] + cost * (end - clock[copy]) if clock[copy] + holding >= end else np.nan
+    integral[copy] += cost * holding
+    clock[copy] += holding
+    _event(queues, copy, service, arrival_rates, routing_high, has_routing)
+    return at_end
+
+
+@numba.njit(cache=True)
 def _run_index(queues, clock, integral, end, slope, offset, server_of_buffer, num_servers, service_rates,
                arrival_rates, holding_costs, routing_high, has_routing):
     """Advances every copy under an index rule until its clock reaches `end`: each server serves its non-empty
@@ -87,9 +103,7 @@ def _run_index(queues, clock, integral, end, slope, offset, server_of_buffer, nu
         while True:
             top[:] = -np.inf
             ties[:] = 0.0
-            cost = 0.0
             for k in range(num_buffers):
-                cost += holding_costs[k] * queues[copy, k]
                 score[k] = slope[k] * queues[copy, k] + offset[k] if queues[copy, k] > 0 else -np.inf
                 top[server_of_buffer[k]] = max(top[server_of_buffer[k]], score[k])
             for k in range(num_buffers):
@@ -98,16 +112,11 @@ def _run_index(queues, clock, integral, end, slope, offset, server_of_buffer, nu
             for k in range(num_buffers):
                 served = score[k] > -np.inf and score[k] == top[server_of_buffer[k]]
                 service[k] = service_rates[k] / ties[server_of_buffer[k]] if served else 0.0
-            holding = 1.0 / (arrival_rates.sum() + service.sum())
-            if clock[copy] + holding >= end:
-                at_end[copy] = integral[copy] + cost * (end - clock[copy])
-                integral[copy] += cost * holding
-                clock[copy] += holding
-                _event(queues, copy, service, arrival_rates, routing_high, has_routing)
+            value = _hold_and_jump(queues, copy, clock, integral, service, end, arrival_rates, holding_costs,
+                                   routing_high, has_routing)
+            if not np.isnan(value):
+                at_end[copy] = value
                 break
-            integral[copy] += cost * holding
-            clock[copy] += holding
-            _event(queues, copy, service, arrival_rates, routing_high, has_routing)
     return at_end
 
 
@@ -116,20 +125,12 @@ def _step_given_service(queues, clock, integral, at_end, active, end, service, a
                         routing_high, has_routing):
     """One event for each active copy, with its service rates (copies, K) already chosen by a policy; a copy whose
     clock passes `end` records its cost integral at `end` and turns inactive."""
-    copies, num_buffers = queues.shape
-    for copy in range(copies):
-        if not active[copy]:
-            continue
-        cost = 0.0
-        for k in range(num_buffers):
-            cost += holding_costs[k] * queues[copy, k]
-        holding = 1.0 / (arrival_rates.sum() + service[copy].sum())
-        if clock[copy] + holding >= end:
-            at_end[copy] = integral[copy] + cost * (end - clock[copy])
-            active[copy] = False
-        integral[copy] += cost * holding
-        clock[copy] += holding
-        _event(queues, copy, service[copy], arrival_rates, routing_high, has_routing)
+    for copy in range(queues.shape[0]):
+        if active[copy]:
+            value = _hold_and_jump(queues, copy, clock, integral, service[copy], end, arrival_rates, holding_costs,
+                                   routing_high, has_routing)
+            if not np.isnan(value):
+                at_end[copy], active[copy] = value, False
 
 
 def event_long_run(network: Network | str | dict, policy: Policy | None = None, order: list[int] | None = None,
