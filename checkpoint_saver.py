@@ -188,9 +188,10 @@ def open_database(location: str | os.PathLike, lock_timeout: float = DEFAULT_LOC
                 raise FileNotFoundError(f"no registry in {shown}: give the --registry the runs saved to")
             return engine
         except sa.exc.DBAPIError as error:
-            # Processes starting together on an empty PostgreSQL database race to create the tables: the
-            # losers fail once (not for want of a connection), then find them made.
-            if isinstance(error, sa.exc.OperationalError) or attempt == 2:
+            # Processes starting together on an empty database race to create the tables: the losers fail
+            # once (PostgreSQL: an integrity error; SQLite: "table ... already exists"), then find them made.
+            lost_the_race = "already exists" in str(error.orig)
+            if (isinstance(error, sa.exc.OperationalError) and not lost_the_race) or attempt == 2:
                 engine.dispose()
                 raise _database_error(shown, error) from None
             time.sleep(0.2 * (attempt + 1))

@@ -316,6 +316,25 @@ def test_a_lock_wait_times_out_with_a_clear_message(tmp_path):
     assert submit(impatient, 2.0)
 
 
+def test_losing_the_race_to_create_the_tables_is_retried(tmp_path, monkeypatch):
+    # SQLite reports the loser of two processes creating a new registry at once as an OperationalError.
+    create_all = checkpoint_saver._schema.create_all
+    calls = []
+
+    def lose_once(engine):
+        calls.append(engine)
+        if len(calls) == 1:
+            create_all(engine)
+            raise sa.exc.OperationalError("CREATE TABLE registry_entries", {},
+                                          sqlite3.OperationalError("table registry_entries already exists"))
+        create_all(engine)
+
+    monkeypatch.setattr(checkpoint_saver._schema, "create_all", lose_once)
+    submit(make_saver(tmp_path), 1.0)
+    assert len(calls) == 2
+    assert_registry_holds(tmp_path, [1.0])
+
+
 def test_save_atomic_round_trips_and_leaves_no_temp_files(tmp_path):
     path = tmp_path / "run" / "best.pt"
     save_atomic({"weight": torch.ones(3), "step": 1}, path)
