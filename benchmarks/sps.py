@@ -3,6 +3,9 @@
     python benchmarks/sps.py                       # the README's table: HalfCheetah-v4 and Pendulum-v1 presets
     python benchmarks/sps.py --env-id Hopper-v4 --num-envs 8 --num-steps 256 --iterations 4
     python benchmarks/sps.py --memory-steps 200000 # resident memory at 10% and 100% of a 200k-step run
+    python benchmarks/sps.py --env-id queueing:QueueNetwork-v0 --num-envs 64 --num-steps 256 --num-minibatches 16 \
+        --modes compile --env-kwargs '{"instance": "criss-cross-bh", "allocation": "priority"}' \
+        '{"instance": "reentrant-7", "allocation": "priority"}'   # queueing: 3 classes against 21
     python benchmarks/sps.py --baseline-script /tmp/old/ppo_continuous.py  # also time another version
 
 Each configuration is timed with the eager update and with --compile. Training SPS is the steps over the time
@@ -13,7 +16,8 @@ same library API (`Args`, `train(args)` returning its timing).
 
 Everything is measured in one process, one configuration after the other, so the ratios are comparable on a
 noisy machine even when the absolute figures are not. Env-only SPS steps the same vector env with the same
-wrappers as training, with uniformly random actions.
+wrappers as training, with uniformly random actions (standard normal ones where the action space is unbounded,
+as the queueing priority scores are). --env-kwargs takes one or more JSON kwargs, each a configuration of its own.
 
 --peer COMMAND times another trainer's command line against ours (`python ppo_continuous.py`, its defaults,
 evaluations and registry included), both as subprocesses with wall time taken from outside, the same options
@@ -40,6 +44,7 @@ import argparse
 import contextlib
 import importlib.util
 import io
+import itertools
 import math
 import os
 import re
@@ -96,17 +101,20 @@ def trainer_args(trainer, env_id, num_envs, num_steps, iterations, workdir, **op
                         checkpoint_dir=str(Path(workdir) / "checkpoints"), **options)
 
 
-def env_only_sps(env_id, num_envs, num_steps, iterations, workdir):
+def env_only_sps(env_id, num_envs, num_steps, iterations, workdir, **options):
     args, env_kwargs = ppo_continuous.resolved_args(trainer_args(ppo_continuous, env_id, num_envs, num_steps,
-                                                                 iterations, workdir))
+                                                                 iterations, workdir, **options))
     envs = ppo_continuous.make_training_envs(args, env_kwargs, check_env(env_id, env_kwargs))[0]
     low, high = envs.single_action_space.low, envs.single_action_space.high
     rng = np.random.default_rng(0)
     envs.reset(seed=0)
     steps = iterations * num_envs * num_steps
     start = time.perf_counter()
+    bounded = np.isfinite(low) & np.isfinite(high)  # unbounded dimensions (priority scores): standard normal
     for _ in range(steps // num_envs):
-        envs.step(rng.uniform(low, high, size=(num_envs, len(low))).astype(np.float32))
+        actions = np.where(bounded, rng.uniform(np.where(bounded, low, 0), np.where(bounded, high, 1),
+                                                size=(num_envs, len(low))), rng.standard_normal((num_envs, len(low))))
+        envs.step(actions.astype(np.float32))
     elapsed = time.perf_counter() - start
     envs.close()
     return steps / elapsed
@@ -247,6 +255,9 @@ def main():
     parser.add_argument("--env-id")
     parser.add_argument("--num-envs", type=int, default=1)
     parser.add_argument("--num-steps", type=int, default=2048)
+    parser.add_argument("--num-minibatches", type=int, default=32, help="minibatches per epoch of the update")
+    parser.add_argument("--env-kwargs", nargs="+", default=["{}"],
+                        help="JSON env kwargs; each one given is a configuration of its own (with --env-id)")
     parser.add_argument("--iterations", type=int, default=3, help="rollouts per measurement")
     parser.add_argument("--repeats", type=int, default=3, help="measurements per figure (the median is shown)")
     parser.add_argument("--modes", default="eager,compile", help="update modes to time: eager, compile (--compile)")
@@ -293,7 +304,7 @@ def main():
         return
     baseline = load_trainer(options.baseline_script) if options.baseline_script else None
     print(f"{os.cpu_count()} CPUs, torch threads 1, {options.iterations} rollouts per measurement, medians of "
-          f"{options.repeats}; update: 10 epochs x 32 minibatches")
+          f"{options.repeats}; update: 10 epochs x {options.num_minibatches} minibatches")
     header = ("| env | envs x steps | update | env-only SPS | rollout SPS | update s/rollout | train SPS "
               "| train / env-only | compile s (max) | 1M-step run / env-only |")
     if baseline:
@@ -301,23 +312,26 @@ def main():
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     modes = options.modes.split(",")
-    for env_id, num_envs, num_steps in configs:
+    for (env_id, num_envs, num_steps), env_kwargs in itertools.product(configs, options.env_kwargs):
+        settings = {"env_kwargs": env_kwargs, "num_minibatches": options.num_minibatches}
         # Env-only and training alternate, --repeats times; each ratio pairs measurements taken side by side.
         env_runs, our_runs, their_runs = [], {mode: [] for mode in modes}, []
         for _ in range(options.repeats):
-            env_runs.append(env_only_sps(env_id, num_envs, num_steps, options.iterations, workdir))
+            env_runs.append(env_only_sps(env_id, num_envs, num_steps, options.iterations, workdir, **settings))
             if baseline:
-                their_runs.append(training_sps(baseline, env_id, num_envs, num_steps, options.iterations, workdir))
+                their_runs.append(training_sps(baseline, env_id, num_envs, num_steps, options.iterations, workdir,
+                                               **settings))
             for mode in modes:
                 torch.compiler.reset()  # compile anew (inductor's on-disk cache still applies), as a new run does
                 our_runs[mode].append(training_sps(ppo_continuous, env_id, num_envs, num_steps, options.iterations,
-                                                   workdir, compile=mode == "compile"))
+                                                   workdir, compile=mode == "compile", **settings))
+        name = env_id if env_kwargs == "{}" else f"{env_id} {env_kwargs}"
         for mode in modes:
             runs = our_runs[mode]
             compile_seconds = max(run["compile_seconds"] for run in runs)
             # A 10^6-step run pays the compilation once: its speed with that cost included.
             long_run = [1e6 / (1e6 / run["end_to_end"] + compile_seconds) / env for run, env in zip(runs, env_runs)]
-            row = (f"| {env_id} | {num_envs} x {num_steps} | {mode} | {median(env_runs):.0f} | "
+            row = (f"| {name} | {num_envs} x {num_steps} | {mode} | {median(env_runs):.0f} | "
                    f"{median(run['rollout'] for run in runs):.0f} | "
                    f"{median(run['update_seconds'] for run in runs):.3f} | "
                    f"{median(run['end_to_end'] for run in runs):.0f} | "

@@ -1,4 +1,5 @@
-"""benchmarks/sps.py --peer: the options both trainers get, the marginal-speed arithmetic, and refused input.
+"""benchmarks/sps.py: the options both trainers get in --peer, the marginal-speed arithmetic, refused input, and
+the env-only stepping of an env with unbounded actions.
 No test here times anything."""
 
 import importlib.util
@@ -52,3 +53,9 @@ def test_refused_peer_options_are_one_line_and_exit_status_2(tmp_path, args, exp
     assert result.returncode == 2
     assert expected in one_line_error(result.stderr)
     assert result.stdout == ""
+
+
+def test_env_only_speed_steps_a_queueing_network_whose_scores_are_unbounded(tmp_path):
+    kwargs = '{"instance": "criss-cross-bh", "allocation": "priority"}'
+    speed = sps.env_only_sps("queueing:QueueNetwork-v0", 4, 16, 1, tmp_path, env_kwargs=kwargs)
+    assert 0 < speed < float("inf")
