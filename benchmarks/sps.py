@@ -112,8 +112,8 @@ def env_only_sps(env_id, num_envs, num_steps, iterations, workdir, **options):
     start = time.perf_counter()
     bounded = np.isfinite(low) & np.isfinite(high)  # unbounded dimensions (priority scores): standard normal
     for _ in range(steps // num_envs):
-        actions = np.where(bounded, rng.uniform(np.where(bounded, low, 0), np.where(bounded, high, 1),
-                                                size=(num_envs, len(low))), rng.standard_normal((num_envs, len(low))))
+        actions = rng.standard_normal((num_envs, len(low)))
+        actions[:, bounded] = rng.uniform(low[bounded], high[bounded], size=(num_envs, int(bounded.sum())))
         envs.step(actions.astype(np.float32))
     elapsed = time.perf_counter() - start
     envs.close()
@@ -273,6 +273,9 @@ def main():
         parser.error(f"--modes takes eager, compile or both (comma-separated), got {options.modes}")
     configs = [(options.env_id, options.num_envs, options.num_steps)] if options.env_id else PRESETS
     if options.peer is not None:
+        if options.env_kwargs != ["{}"] or options.num_minibatches != 32:
+            fail("--env-kwargs and --num-minibatches are for the speed table; --peer runs both trainers with "
+                 "CleanRL's settings (32 minibatches, no env kwargs): leave them out")
         peer = shlex.split(options.peer)
         if not peer or shutil.which(peer[0]) is None:
             fail(f"--peer: no command {peer[0] if peer else options.peer!r}; give a command line such as "

@@ -47,6 +47,7 @@ def test_marginal_speed_and_fixed_cost_from_two_run_lengths():
     (["--peer", "/nonexistent/python trainer.py"], "no command '/nonexistent/python'"),
     (["--peer", "python", "--peer-timesteps", "4096,2048"], "0 < T1 < T2"),
     (["--peer", "python", "--peer-timesteps", "2048,3000"], "multiples of the rollout (2048 steps)"),
+    (["--peer", "python", "--env-kwargs", '{"instance": "criss-cross"}'], "--peer runs both trainers with CleanRL's"),
 ])
 def test_refused_peer_options_are_one_line_and_exit_status_2(tmp_path, args, expected):
     result = run_sps("--env-id", "Pendulum-v1", *args, cwd=tmp_path)
