@@ -187,3 +187,27 @@ def test_heavy_traffic_trains_on_long_episodes():
     assert [reset_steps(f"criss-cross-{regime}") for regime in ("il", "bl", "im", "bm")] == [5000] * 4
     assert reset_steps("criss-cross-ih") == reset_steps("criss-cross-bh") == reset_steps("reentrant-7") == 100_000
     assert recommended("criss-cross-bh").count("--reset-steps") == 1
+
+
+def test_warm_start_acts_as_the_static_priority_it_starts_from(tmp_path):
+    import sys
+    from pathlib import Path
+
+    from benchmarks.literature import static_priority_scores, warm_start
+    from queueing.longrun import checkpoint_policy
+
+    server_order = [[2, 0, 1], [3, 5, 4]]  # neither LBFS nor FBFS
+    assert static_priority_scores(server_order, 6) == [1.0, 0.0, 2.0, 2.0, 0.0, 1.0]
+    command = [sys.executable, str(Path(__file__).parent.parent / "ppo_continuous.py"), "--env-id", "queueing:QueueNetwork-v0", "--env-kwargs",
+               '{"instance": "reentrant-2", "allocation": "priority"}', "--num-envs", "4", "--num-steps", "64",
+               "--eval-episodes", "2", "--eval-warmup", "0", "--eval-horizon", "100"]
+    store = {"classical": {"reentrant-2": {"best_static": {"order": server_order}}}}
+    path = warm_start(command, "reentrant-2", 1, tmp_path, store)
+    policy, network = checkpoint_policy(str(path))
+    static = priority_policy(network, [buffer for order in server_order for buffer in order])
+    learned, fixed = (long_run(network, rule, seed=3, copies=8, precision=10.0, first_horizon=4000)
+                      for rule in (policy, static))
+    assert learned.lta_return == fixed.lta_return
+    other = long_run(network, priority_policy(network, [0, 1, 2, 3, 4, 5]), seed=3, copies=8, precision=10.0,
+                     first_horizon=4000)
+    assert other.lta_return != fixed.lta_return  # the comparison can tell two orders apart
