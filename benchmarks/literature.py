@@ -111,6 +111,15 @@ def default_seeds(instance):
     return [1, 2] if instance in REENTRANT[3:] else [1, 2, 3]
 
 
+def missing_runs(instances, store, workdir, no_training=False):
+    """The (instance, seed) PPO runs not yet stored, first seeds of every instance before further ones, so a call
+    cut short still fills every row; with `no_training`, only those whose run already ran to its end."""
+    missing = [(instance, seed) for instance in instances for seed in default_seeds(instance)
+               if str(seed) not in store.get("ppo", {}).get(instance, {})
+               and not (no_training and finished_run(Path(workdir) / instance / f"seed{seed}") is None)]
+    return sorted(missing, key=lambda run: (default_seeds(run[0]).index(run[1]), instances.index(run[0])))
+
+
 def family(instance):
     return "criss-cross" if instance.startswith("criss-cross") else "reentrant"
 
@@ -475,12 +484,8 @@ def main():
                 store = record("classical", instance, classical_rules(instance, store, log))
         if "ppo" in options.parts:
             with ThreadPoolExecutor(options.parallel) as pool:
-                missing = [(instance, seed) for instance in instances for seed in default_seeds(instance)
-                           if str(seed) not in store.get("ppo", {}).get(instance, {}) and not (
-                               options.no_training and finished_run(Path(options.workdir) / instance / f"seed{seed}")
-                               is None)]
                 jobs = [(instance, seed, pool.submit(ppo_run, instance, seed, options.workdir, options.extra, store, log))
-                        for instance, seed in missing]
+                        for instance, seed in missing_runs(instances, store, options.workdir, options.no_training)]
                 for instance, seed, job in jobs:
                     store = record("ppo", instance, job.result(), seed)
     write_report(load_store())

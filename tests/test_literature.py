@@ -177,6 +177,16 @@ def test_a_finished_training_is_found_and_an_interrupted_one_is_not(tmp_path):
     assert finished_run(tmp_path) == (best, 19.5)
 
 
+def test_missing_runs_come_first_seed_of_every_instance_first(tmp_path):
+    from benchmarks.literature import missing_runs
+
+    store = {"ppo": {"reentrant-2": {"1": {}}, "reentrant-6": {"2": {}}}}
+    runs = missing_runs(["reentrant-2", "reentrant-6", "criss-cross-il"], store, tmp_path)
+    assert runs == [("reentrant-6", 1), ("criss-cross-il", 1), ("reentrant-2", 2), ("criss-cross-il", 2),
+                    ("reentrant-2", 3), ("criss-cross-il", 3)]
+    assert missing_runs(["reentrant-2"], store, tmp_path, no_training=True) == []
+
+
 def test_heavy_traffic_trains_on_long_episodes():
     from benchmarks.literature import recommended
 
