@@ -37,8 +37,8 @@ from ppo_support import (LOG_SQRT_2PI, CandidateSelection, Progress, RewardMeter
                          deterministic_numpy_policy, env_action_map, evaluate, evaluation_protocol, format_score,
                          global_state, grouped_cli, load_rms_state, make_vector_env, normalize_observation,
                          numpy_policy, observation_stats, open_registry, open_writer, read_checkpoint,
-                         require_cpp_compiler, rms_state, say, score_checkpoints, signal_handlers, stop_signals,
-                         unique_run_dir, warn, write_line)
+                         rms_state, say, score_checkpoints, signal_handlers, stop_signals,
+                         unique_run_dir, warn, why_not_compiled, write_line)
 
 
 @dataclass
@@ -54,8 +54,11 @@ class Args:
     """if toggled and a GPU is available, train on it"""
     num_threads: int = 1
     """torch CPU threads; one is fastest for small networks"""
-    compile: bool = False
-    """compile the minibatch update into one graph (torch.compile): ~3x faster learning; needs a C++ compiler"""
+    compile: bool = True
+    """compile the minibatch update into one graph (torch.compile, ~3x faster learning) in runs that train at least
+    --compile-min-steps and, on a CPU, find a C++ compiler; other runs say why they stay eager"""
+    compile_min_steps: int = 100_000
+    """fewest steps to train for compiling to pay: below, its start-up cost (1-15 s) outweighs what it saves"""
     track: bool = False
     """log the run to Weights & Biases (WANDB_MODE=offline works without network)"""
     wandb_project_name: str = "ppo_continuous"
@@ -593,9 +596,13 @@ class Run:
                              f"({args.num_envs * args.num_steps} steps) exceeds --total-timesteps "
                              f"{args.total_timesteps}: raise it")
         self.minibatch_size = args.num_envs * args.num_steps // args.num_minibatches
+        why_eager = args.compile and why_not_compiled(args.total_timesteps - self.counters["global_step"],
+                                                      args.compile_min_steps, self.device.type == "cuda")
+        if why_eager:
+            say(why_eager)
         self.update = (compiled_minibatch_update(self.agent, self.optimizers, self.clip_groups,
                                                  functools.partial(ppo_loss, args=args), args.max_grad_norm,
-                                                 self.minibatch_size) if args.compile else
+                                                 self.minibatch_size) if args.compile and not why_eager else
                        functools.partial(minibatch_update, self.agent, self.optimizers, self.clip_groups, args))
         # Env subprocesses (--async-envs) inherit this: they ignore Ctrl-C and SIGTERM, and this process stops them.
         with signal_handlers(signal.SIG_IGN):
@@ -830,7 +837,7 @@ def resolved_args(args):
           "actor_lr", "critic_lr", "clip_coef", "clip_reward", "clip_obs", "top_k"], lambda v: v > 0, "positive"),
         (["reset_steps", "max_grad_norm", "target_kl", "early_stop_patience", "eval_episodes", "eval_horizon",
           "eval_every"], lambda v: v is None or v > 0, "positive (or None)"),
-        (["eval_warmup", "eval_nominated", "save_latest_every"], lambda v: v is None or v >= 0, "zero or positive"),
+        (["eval_warmup", "eval_nominated", "save_latest_every", "compile_min_steps"], lambda v: v is None or v >= 0, "zero or positive"),
         (["gamma", "gae_lambda"], lambda v: 0 <= v <= 1, "in [0, 1]"),
         (["rho_step_size", "lr_decay_rate"], lambda v: 0 < v <= 1, "in (0, 1]")]:
         for name in names:
@@ -856,9 +863,6 @@ def resolved_args(args):
     if resolved.eval_json and not (resolved.eval_only or resolved.compare):
         raise TrainError("--eval-json writes the scores of --eval-only or --compare: give one of them (a training "
                          "run records its scores in its checkpoints and TensorBoard logs)")
-    training = not (resolved.eval_only or resolved.compare)
-    if resolved.compile and training and not (resolved.cuda and torch.cuda.is_available()):
-        require_cpp_compiler()
     try:
         env_kwargs = json.loads(resolved.env_kwargs)
     except json.JSONDecodeError as error:

@@ -722,12 +722,18 @@ def grouped_cli(cls, defaults, groups, argv, description):
 # The compiled update (--compile)
 # ---------------------------------------------------------------------------------------------------------------
 
-def require_cpp_compiler():
-    """--compile on a CPU needs the C++ compiler inductor calls: one line if it is missing, before any training."""
+def why_not_compiled(steps_to_train, min_steps, on_gpu):
+    """Why a run with --compile takes the eager update, or None when compiling pays: it needs enough steps to
+    repay its start-up cost and, on a CPU, the C++ compiler inductor calls. Steps only, so a seed's mode (and
+    with it its result) does not depend on the machine's speed."""
+    if steps_to_train < min_steps:
+        return (f"eager update: {steps_to_train:,} steps to train, fewer than --compile-min-steps {min_steps:,} "
+                f"(compiling costs 1-15 s at start-up)")
     compiler = os.environ.get("CXX", {"darwin": "clang++", "win32": "cl"}.get(sys.platform, "g++"))  # inductor's
-    if shutil.which(compiler) is None:
-        raise TrainError(f"--compile needs a C++ compiler and '{compiler}' was not found: install one (or set CXX), "
-                         f"or train without --compile")
+    if not on_gpu and shutil.which(compiler) is None:
+        return (f"eager update: --compile needs a C++ compiler and '{compiler}' was not found (install one or set "
+                f"CXX); --no-compile silences this")
+    return None
 
 
 def compiled_minibatch_update(agent, optimizers, clip_groups, loss_fn, max_grad_norm, minibatch_size):
@@ -800,7 +806,7 @@ def compiled_minibatch_update(agent, optimizers, clip_groups, loss_fn, max_grad_
         compiled(*copies, tuple(example))
     except Exception as error:
         first_line = next(iter(str(error).strip().splitlines()), "")
-        raise TrainError(f"--compile failed ({type(error).__name__}: {first_line}): train without --compile") from None
+        raise TrainError(f"--compile failed ({type(error).__name__}: {first_line}): train with --no-compile") from None
     say(f"compiled the minibatch update in {time.perf_counter() - start:.1f} s")
 
     def compiled_update(minibatch):

@@ -5,7 +5,7 @@
     python benchmarks/learning_curves.py --old-script /tmp/old_trainer/ppo_continuous.py \
         --env-id Pendulum-v1 --total-timesteps 200000 --seeds 1 2
     python benchmarks/learning_curves.py --old-script ... --extra-args --num-envs 8   # --extra-args comes last
-    python benchmarks/learning_curves.py --old-script ppo_continuous.py --new-args=--compile  # eager vs compiled
+    python benchmarks/learning_curves.py --old-script ppo_continuous.py --old-args=--no-compile  # eager vs compiled
 
 Each (version, seed) trains through the trainer's own CLI in its own directory under --workdir (a fresh temp
 dir by default, kept for inspection), with `--num-threads 1`, at most --parallel runs at a time. The table
@@ -91,8 +91,9 @@ def main():
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--parallel", type=int, default=2, help="trainings at a time")
     parser.add_argument("--workdir", help="where the runs go (default: a new temp dir)")
-    parser.add_argument("--new-args", default="",
-                        help="arguments for the new trainer only, as one string: --new-args=--compile")
+    parser.add_argument("--old-args", default="",
+                        help="arguments for the old trainer only, as one string: --old-args=--no-compile")
+    parser.add_argument("--new-args", default="", help="arguments for the new trainer only, as one string")
     parser.add_argument("--extra-args", nargs=argparse.REMAINDER, default=[],
                         help="passed to both trainers; must come last")
     args = parser.parse_args()
@@ -100,12 +101,12 @@ def main():
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="learning_curves_")).resolve()
     print(f"runs in {workdir}", file=sys.stderr)
     scripts = {"old": Path(args.old_script).resolve(), "new": Path(args.new_script).resolve()}
-    new_args = shlex.split(args.new_args)
+    own_args = {"old": shlex.split(args.old_args), "new": shlex.split(args.new_args)}
     jobs = [(version, seed) for seed in args.seeds for version in ("old", "new")]
     with ThreadPoolExecutor(max_workers=args.parallel) as pool:
         futures = {(version, seed): pool.submit(
             train, scripts[version], workdir / f"{args.env_id.replace(':', '_')}-{version}-seed{seed}",
-            args.env_id, seed, args.total_timesteps, args.extra_args + (new_args if version == "new" else []))
+            args.env_id, seed, args.total_timesteps, args.extra_args + own_args[version])
             for version, seed in jobs}
         results = {job: summarise(future.result()) for job, future in futures.items()}
 

@@ -93,6 +93,10 @@ def load_trainer(script):
     return module
 
 
+# Each mode forced, whatever the run's length (the trainer compiles by default only runs of --compile-min-steps).
+MODES = {"eager": dict(compile=False), "compile": dict(compile=True, compile_min_steps=0)}
+
+
 def trainer_args(trainer, env_id, num_envs, num_steps, iterations, workdir, **options):
     """A run of `iterations` rollouts whose evaluations are as cheap as the protocol allows (2 short episodes);
     training SPS leaves them out anyway (their cost: README, Evaluation protocol)."""
@@ -150,7 +154,7 @@ def memory_check(env_id, steps, workdir, mode):
             samples.append((time.perf_counter(), rss_mb()))
 
     num_steps = 2048
-    args = trainer_args(ppo_continuous, env_id, 1, num_steps, steps // num_steps, workdir, compile=mode == "compile")
+    args = trainer_args(ppo_continuous, env_id, 1, num_steps, steps // num_steps, workdir, **MODES[mode])
     sampler = threading.Thread(target=sample)
     start = time.perf_counter()
     sampler.start()
@@ -327,7 +331,7 @@ def main():
             for mode in modes:
                 torch.compiler.reset()  # compile anew (inductor's on-disk cache still applies), as a new run does
                 our_runs[mode].append(training_sps(ppo_continuous, env_id, num_envs, num_steps, options.iterations,
-                                                   workdir, compile=mode == "compile", **settings))
+                                                   workdir, **MODES[mode], **settings))
         name = env_id if env_kwargs == "{}" else f"{env_id} {env_kwargs}"
         for mode in modes:
             runs = our_runs[mode]

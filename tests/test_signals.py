@@ -111,7 +111,7 @@ def process_state(pid):
 
 
 def test_sigterm_to_the_process_group_with_async_envs_saves_and_exits_130(workdir):
-    cli = Cli(["--env-id", "Pendulum-v1", *FAST, *FAST_EVAL, "--async-envs", "--total-timesteps", 10_000_000,
+    cli = Cli(["--env-id", "Pendulum-v1", *FAST, *FAST_EVAL, "--async-envs", "--no-compile", "--total-timesteps", 10_000_000,
                "--save-latest-every", 1], cwd=workdir)
     cli.wait_for(lambda: list(workdir.glob("runs/*/latest.pt")), "first rollout")  # training, env workers up
     (latest,) = workdir.glob("runs/*/latest.pt")
@@ -144,7 +144,8 @@ def test_ctrl_c_through_a_pipe_whose_reader_dies_still_saves_the_run(workdir):
     pipe fails. The run must still stop cleanly and save final.pt."""
     reader, writer = os.pipe()
     process = subprocess.Popen([sys.executable, str(SCRIPT), "--env-id", "Pendulum-v1", *map(str, FAST),
-                                *map(str, FAST_EVAL), "--total-timesteps", "10000000", "--save-latest-every", "1"],
+                                *map(str, FAST_EVAL), "--no-compile", "--total-timesteps", "10000000",
+                                "--save-latest-every", "1"],
                                cwd=workdir, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=writer, stderr=writer,
                                start_new_session=True)
     os.close(writer)
