@@ -728,7 +728,7 @@ def why_not_compiled(steps_to_train, min_steps, on_gpu):
     with it its result) does not depend on the machine's speed."""
     if steps_to_train < min_steps:
         return (f"eager update: {steps_to_train:,} steps to train, fewer than --compile-min-steps {min_steps:,} "
-                f"(compiling costs 1-15 s at start-up)")
+                f"(compiling costs seconds at start-up)")
     compiler = os.environ.get("CXX", {"darwin": "clang++", "win32": "cl"}.get(sys.platform, "g++"))  # inductor's
     if not on_gpu and shutil.which(compiler) is None:
         return (f"eager update: --compile needs a C++ compiler and '{compiler}' was not found (install one or set "
