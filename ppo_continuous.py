@@ -601,10 +601,11 @@ class Run:
                                                       args.compile_min_steps, self.device.type == "cuda")
         if why_eager:
             say(why_eager)
-        self.update = (compiled_minibatch_update(self.agent, self.optimizers, self.clip_groups,
-                                                 functools.partial(ppo_loss, args=args), args.max_grad_norm,
-                                                 self.minibatch_size) if args.compile and not why_eager else
-                       functools.partial(minibatch_update, self.agent, self.optimizers, self.clip_groups, args))
+        compiled = (compiled_minibatch_update(self.agent, self.optimizers, self.clip_groups,
+                                              functools.partial(ppo_loss, args=args), args.max_grad_norm,
+                                              self.minibatch_size) if args.compile and not why_eager else None)
+        self.update = compiled or functools.partial(minibatch_update, self.agent, self.optimizers, self.clip_groups,
+                                                    args)
         # Env subprocesses (--async-envs) inherit this: they ignore Ctrl-C and SIGTERM, and this process stops them.
         with signal_handlers(signal.SIG_IGN):
             self.envs, self.reward_normalizer, self.reward_meter = make_training_envs(args, env_kwargs,
@@ -838,7 +839,8 @@ def resolved_args(args):
           "actor_lr", "critic_lr", "clip_coef", "clip_reward", "clip_obs", "top_k"], lambda v: v > 0, "positive"),
         (["reset_steps", "max_grad_norm", "target_kl", "early_stop_patience", "eval_episodes", "eval_horizon",
           "eval_every"], lambda v: v is None or v > 0, "positive (or None)"),
-        (["eval_warmup", "eval_nominated", "save_latest_every", "compile_min_steps"], lambda v: v is None or v >= 0, "zero or positive"),
+        (["eval_warmup", "eval_nominated", "save_latest_every", "compile_min_steps"], lambda v: v is None or v >= 0,
+         "zero or positive"),
         (["gamma", "gae_lambda"], lambda v: 0 <= v <= 1, "in [0, 1]"),
         (["rho_step_size", "lr_decay_rate"], lambda v: 0 < v <= 1, "in (0, 1]")]:
         for name in names:

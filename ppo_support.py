@@ -738,7 +738,7 @@ def why_not_compiled(steps_to_train, min_steps, on_gpu):
 
 def compiled_minibatch_update(agent, optimizers, clip_groups, loss_fn, max_grad_norm, minibatch_size):
     """`minibatch_update` (ppo_continuous.py) as one graph compiled by torch.compile; returns
-    `update(minibatch) -> parts`.
+    `update(minibatch) -> parts`, or None (with a warning) when compiling fails.
 
     `loss_fn(agent(obs, actions), minibatch) -> (loss, parts)` is the loss, minimised by the optimizers' Adam with
     each of `clip_groups` clipped to global norm `max_grad_norm` (None: no clipping); a minibatch is the six
@@ -806,7 +806,8 @@ def compiled_minibatch_update(agent, optimizers, clip_groups, loss_fn, max_grad_
         compiled(*copies, tuple(example))
     except Exception as error:
         first_line = next(iter(str(error).strip().splitlines()), "")
-        raise TrainError(f"--compile failed ({type(error).__name__}: {first_line}): train with --no-compile") from None
+        warn(f"--compile failed ({type(error).__name__}: {first_line}): training with the eager update")
+        return None
     say(f"compiled the minibatch update in {time.perf_counter() - start:.1f} s")
 
     def compiled_update(minibatch):

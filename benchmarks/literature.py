@@ -302,9 +302,9 @@ def ppo_run(instance, seed, workdir, extra, store, log):
     policy, network = checkpoint_policy(str(best))
     row = score_policy(instance, policy, network, start_level(store, instance))
     saved = torch.load(best, map_location="cpu", weights_only=True)
+    warm = " (warm start: best static priority)" if instance in WARM_STARTED else ""
     row.update(checkpoint=str(best), best_step=int(saved["global_step"]), wall_seconds=round(wall),
-               settings=" ".join(recommended(instance) + extra) + (" (warm start: best static priority)"
-                                                                     if instance in WARM_STARTED else ""), curve=evaluated_curve(best.parent))
+               settings=" ".join(recommended(instance) + extra) + warm, curve=evaluated_curve(best.parent))
     log(f"{instance} seed {seed}: best.pt {best}: cost {row['cost']:.4f}" +
         (f" +- {row['half_width']:.4f}" if "half_width" in row else f" (exact, gap {row['gap']:+.3%})"))
     return row

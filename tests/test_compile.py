@@ -9,7 +9,7 @@ import torch
 
 import ppo_continuous
 import ppo_support
-from tests.conftest import FAST, FAST_EVAL, run_cli, run_dirs, scalars
+from tests.conftest import FAST, FAST_EVAL, fast_args, run_cli, run_dirs, scalars
 
 PENDULUM = ["--env-id", "Pendulum-v1", "--reset-steps", 32, *FAST, *FAST_EVAL]
 
@@ -153,6 +153,20 @@ def test_compile_without_a_compiler_trains_eager_and_says_why(workdir):
     assert "compiled the minibatch update" not in result.stdout and (run_dirs(workdir)[0] / "final.pt").exists()
     quiet = run_cli(*PENDULUM, "--no-compile", "--total-timesteps", 256, cwd=workdir, env={"CXX": "/nonexistent/c++"})
     assert quiet.returncode == 0 and "eager update" not in quiet.stdout
+
+
+def test_a_failed_compilation_trains_eager_with_a_warning(workdir, monkeypatch, capsys):
+    def failing_compile(function, **options):
+        def compiled(*args):
+            raise RuntimeError("no kernels today")
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", failing_compile)
+    monkeypatch.chdir(workdir)
+    summary = ppo_continuous.train(fast_args(compile=True, compile_min_steps=0, total_timesteps=512))
+    assert "warning: --compile failed (RuntimeError: no kernels today): training with the eager update" in \
+        capsys.readouterr().err
+    assert summary["counters"]["global_step"] == 512 and (summary["run_dir"] / "final.pt").exists()
 
 
 def test_compiling_is_decided_by_the_steps_left_to_train_and_the_compiler(monkeypatch):
