@@ -65,6 +65,13 @@ def test_help_is_grouped_with_one_default_per_option(workdir):
     assert "(default: None)" not in blocks["--gamma {None}|FLOAT"][1]
 
 
+def test_the_readme_documents_every_option():
+    readme = (REPO / "README.md").read_text()
+    undocumented = [field.name for field in dataclasses.fields(Args)
+                    if f"`--{field.name.replace('_', '-')}" not in readme]
+    assert undocumented == []
+
+
 def test_pendulum_run_logs_every_metric_evaluates_and_saves_the_agent(workdir):
     result = run_cli("--env-id", "Pendulum-v1", "--total-timesteps", 2048, *FAST, "--reset-steps", 64,
                      "--eval-episodes", 3, "--eval-horizon", 50, "--eval-every", 512, cwd=workdir)
