@@ -196,7 +196,10 @@ def test_heavy_traffic_trains_on_long_episodes():
 
     assert [reset_steps(f"criss-cross-{regime}") for regime in ("il", "bl", "im", "bm")] == [5000] * 4
     assert reset_steps("criss-cross-ih") == reset_steps("criss-cross-bh") == reset_steps("reentrant-7") == 100_000
-    assert recommended("criss-cross-bh").count("--reset-steps") == 1
+    assert recommended("criss-cross-bh").count("--reset-steps") == recommended("criss-cross-bh").count("--num-envs") == 1
+    num_envs = {instance: int(recommended(instance)[recommended(instance).index("--num-envs") + 1])
+                for instance in ("criss-cross-il", "criss-cross-ih", "criss-cross-bh", "reentrant-2")}
+    assert num_envs == {"criss-cross-il": 64, "criss-cross-ih": 32, "criss-cross-bh": 32, "reentrant-2": 64}
 
 
 def test_warm_start_acts_as_the_static_priority_it_starts_from(tmp_path):
