@@ -597,15 +597,6 @@ class Run:
                              f"({args.num_envs * args.num_steps} steps) exceeds --total-timesteps "
                              f"{args.total_timesteps}: raise it")
         self.minibatch_size = args.num_envs * args.num_steps // args.num_minibatches
-        why_eager = args.compile and why_not_compiled(args.total_timesteps - self.counters["global_step"],
-                                                      args.compile_min_steps, self.device.type == "cuda")
-        if why_eager:
-            say(why_eager)
-        compiled = (compiled_minibatch_update(self.agent, self.optimizers, self.clip_groups,
-                                              functools.partial(ppo_loss, args=args), args.max_grad_norm,
-                                              self.minibatch_size) if args.compile and not why_eager else None)
-        self.update = compiled or functools.partial(minibatch_update, self.agent, self.optimizers, self.clip_groups,
-                                                    args)
         # Env subprocesses (--async-envs) inherit this: they ignore Ctrl-C and SIGTERM, and this process stops them.
         with signal_handlers(signal.SIG_IGN):
             self.envs, self.reward_normalizer, self.reward_meter = make_training_envs(args, env_kwargs,
@@ -619,6 +610,15 @@ class Run:
         self.writer = open_writer(self.run_dir, given, args, resources)
         say(f"run: {self.run_dir}  instance: {self.instance}  device: {self.device}")
         say(f"evaluation protocol: {json.dumps(self.protocol)}")
+        why_eager = args.compile and why_not_compiled(args.total_timesteps - self.counters["global_step"],
+                                                      args.compile_min_steps, self.device.type == "cuda")
+        if why_eager:
+            say(why_eager)
+        compiled = (compiled_minibatch_update(self.agent, self.optimizers, self.clip_groups,
+                                              functools.partial(ppo_loss, args=args), args.max_grad_norm,
+                                              self.minibatch_size) if args.compile and not why_eager else None)
+        self.update = compiled or functools.partial(minibatch_update, self.agent, self.optimizers, self.clip_groups,
+                                                    args)
 
         batch_size = args.num_envs * args.num_steps
         self.final_step = self.counters["global_step"] + (
