@@ -200,6 +200,8 @@ def test_heavy_traffic_trains_on_long_episodes():
     num_envs = {instance: int(recommended(instance)[recommended(instance).index("--num-envs") + 1])
                 for instance in ("criss-cross-il", "criss-cross-ih", "criss-cross-bh", "reentrant-2")}
     assert num_envs == {"criss-cross-il": 64, "criss-cross-ih": 32, "criss-cross-bh": 32, "reentrant-2": 64}
+    assert "--ent-coef" not in recommended("criss-cross-il")
+    assert recommended("criss-cross-ih")[-2:] == ["--ent-coef", "0.01"]
 
 
 def test_warm_start_acts_as_the_static_priority_it_starts_from(tmp_path):
