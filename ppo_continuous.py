@@ -32,7 +32,7 @@ import torch.nn as nn
 from gymnasium.wrappers.utils import RunningMeanStd
 
 from checkpoint_saver import RegistryError, entry_bytes, instance_key, save_atomic, without_password
-from ppo_support import (LOG_SQRT_2PI, CandidateSelection, Progress, RewardMeter, TrainError, check_env, check_fits_env,
+from ppo_support import (LOG_SQRT_2PI, Adam, CandidateSelection, Progress, RewardMeter, TrainError, check_env, check_fits_env,
                          check_numpy_mirrors, checkpoint_defaults, compiled_minibatch_update, default_eval_every,
                          deterministic_numpy_policy, env_action_map, evaluate, evaluation_protocol, format_score,
                          global_state, grouped_cli, load_rms_state, make_vector_env, normalize_observation,
@@ -318,15 +318,16 @@ def ppo_loss(agent_outputs, minibatch, args):
 
 def make_optimizers(agent, args):
     """Adam for the actor and the critic: one optimizer (CleanRL's) or one each; and the groups whose gradients
-    are clipped together. fused: one Adam kernel per step instead of a Python loop over parameters."""
+    are clipped together. `Adam` is torch.optim.Adam with its fused kernel (one kernel per step instead of a Python
+    loop over parameters), minus a slow import (ppo_support.py)."""
     actor_params = list(agent.actor_mean.parameters()) + [agent.actor_logstd]
     critic_params = list(agent.critic.parameters())
     if args.shared_optimizer:
-        optimizers = [torch.optim.Adam([{"params": actor_params, "lr": args.actor_lr},
-                                        {"params": critic_params, "lr": args.critic_lr}], eps=1e-5, fused=True)]
+        optimizers = [Adam([{"params": actor_params, "lr": args.actor_lr},
+                            {"params": critic_params, "lr": args.critic_lr}], eps=1e-5)]
         return optimizers, [actor_params + critic_params]
-    optimizers = [torch.optim.Adam(actor_params, lr=args.actor_lr, eps=1e-5, fused=True),
-                  torch.optim.Adam(critic_params, lr=args.critic_lr, eps=1e-5, fused=True)]
+    optimizers = [Adam([{"params": actor_params, "lr": args.actor_lr}], eps=1e-5),
+                  Adam([{"params": critic_params, "lr": args.critic_lr}], eps=1e-5)]
     return optimizers, [actor_params, critic_params]
 
 

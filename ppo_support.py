@@ -11,6 +11,7 @@ and the compiled update (given `ppo_loss`; it mirrors the rest of `minibatch_upd
 """
 
 import ast
+import collections
 import contextlib
 import dataclasses
 import hashlib
@@ -736,6 +737,59 @@ def why_not_compiled(steps_to_train, min_steps, on_gpu):
     return None
 
 
+class Adam:
+    """torch.optim.Adam(params, eps=eps, fused=True) without torch.optim.Optimizer, whose methods import
+    torch._dynamo on first use: about 1.5 s, more than half of a short run's start-up. Same fused kernel (the
+    numbers are identical: a test checks it bit for bit against torch.optim.Adam), same `param_groups`, `state` and
+    state_dict format (a checkpoint saved by either loads into the other)."""
+
+    HYPERPARAMETERS = {"betas": (0.9, 0.999), "weight_decay": 0, "amsgrad": False, "maximize": False, "foreach": None,
+                       "capturable": False, "differentiable": False, "fused": True, "decoupled_weight_decay": False}
+
+    def __init__(self, param_groups, eps):
+        self.param_groups = [{**self.HYPERPARAMETERS, "eps": eps, **group, "params": list(group["params"])}
+                             for group in param_groups]
+        self.state = collections.defaultdict(dict)
+
+    def zero_grad(self):
+        for group in self.param_groups:
+            for param in group["params"]:
+                param.grad = None
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            params = [param for param in group["params"] if param.grad is not None]
+            states = [self.state[param] for param in params]
+            for param, state in zip(params, states):
+                if not state:  # created on the first step, as torch.optim.Adam does
+                    state.update(step=torch.zeros((), device=param.device), exp_avg=torch.zeros_like(param),
+                                 exp_avg_sq=torch.zeros_like(param))
+            functional_adam(params, [param.grad for param in params], [state["exp_avg"] for state in states],
+                            [state["exp_avg_sq"] for state in states], [], [state["step"] for state in states],
+                            fused=True, amsgrad=False, beta1=group["betas"][0], beta2=group["betas"][1],
+                            lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"],
+                            maximize=group["maximize"], decoupled_weight_decay=group["decoupled_weight_decay"])
+
+    def state_dict(self):
+        index = {param: i for i, param in enumerate(param for group in self.param_groups for param in group["params"])}
+        return {"state": {index[param]: dict(state) for param, state in self.state.items()},
+                "param_groups": [{**group, "params": [index[param] for param in group["params"]]}
+                                 for group in self.param_groups]}
+
+    def load_state_dict(self, saved):
+        sizes = [len(group["params"]) for group in self.param_groups]
+        if [len(group["params"]) for group in saved["param_groups"]] != sizes:
+            raise ValueError(f"the saved optimizer state has parameter groups of sizes "
+                             f"{[len(group['params']) for group in saved['param_groups']]}, this optimizer {sizes}")
+        params = [param for group in self.param_groups for param in group["params"]]
+        for group, saved_group in zip(self.param_groups, saved["param_groups"]):
+            group.update({key: value for key, value in saved_group.items() if key != "params"})
+        self.state = collections.defaultdict(dict, {
+            params[i]: {key: value.to(params[i].device, torch.float32 if key == "step" else params[i].dtype)
+                        for key, value in state.items()} for i, state in saved["state"].items()})
+
+
 def compiled_minibatch_update(agent, optimizers, clip_groups, loss_fn, max_grad_norm, minibatch_size):
     """`minibatch_update` (ppo_continuous.py) as one graph compiled by torch.compile; returns
     `update(minibatch) -> parts`, or None (with a warning) when compiling fails.
@@ -750,9 +804,9 @@ def compiled_minibatch_update(agent, optimizers, clip_groups, loss_fn, max_grad_
     fused kernels round differently in the last bits. Compiles now, on copies, so a failure stops the run up front.
     """
     for optimizer in optimizers:
-        if type(optimizer) is not torch.optim.Adam or any(group["amsgrad"] for group in optimizer.param_groups):
-            raise TypeError("compiled_minibatch_update mirrors torch.optim.Adam without amsgrad: update it together "
-                            "with make_optimizers (ppo_continuous.py)")
+        if type(optimizer) is not Adam:
+            raise TypeError("compiled_minibatch_update mirrors ppo_support.Adam: update it together with "
+                            "make_optimizers (ppo_continuous.py)")
         for group in optimizer.param_groups:
             for param in group["params"]:
                 if not optimizer.state[param]:  # Adam creates its state on its first step: the same state, now

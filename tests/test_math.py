@@ -1,6 +1,10 @@
 """The learning math against naive reference implementations, and the truncation bootstrap through a rollout."""
 
+import copy
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
@@ -259,6 +263,61 @@ def test_mean_confidence_interval_is_the_student_t_interval():
     sample = rng.normal(size=30)
     low, high = scipy.stats.t.interval(0.95, 29, loc=sample.mean(), scale=scipy.stats.sem(sample))
     assert mean_confidence_interval(sample)[1] == pytest.approx((high - low) / 2, rel=1e-9)
+
+
+@pytest.mark.parametrize("shared_optimizer", [False, True])
+def test_adam_is_torch_adam_bit_for_bit_and_their_states_interchange(shared_optimizer):
+    args, _ = resolved_args(ppo_continuous.Args(shared_optimizer=shared_optimizer, actor_lr=1e-3, critic_lr=3e-3))
+    agents = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        agents.append(ppo_continuous.Agent(5, 2))
+    ours, _ = ppo_continuous.make_optimizers(agents[0], args)
+    reference = [torch.optim.Adam([{"params": list(group["params"]), "lr": group["lr"]} for group in optimizer.param_groups],
+                                  eps=1e-5, fused=True) for optimizer in ppo_continuous.make_optimizers(agents[1], args)[0]]
+    obs, actions = torch.randn(64, 5), torch.randn(64, 2)
+
+    def train_steps(agent, optimizers, steps):
+        for _ in range(steps):
+            for optimizer in optimizers:
+                optimizer.zero_grad()
+            _, log_prob, _, value = agent(obs, actions)
+            (log_prob.mean() + value.pow(2).mean()).backward()
+            for optimizer in optimizers:
+                optimizer.step()
+
+    train_steps(agents[0], ours, 5)
+    train_steps(agents[1], reference, 5)
+    assert all(torch.equal(a, b) for a, b in zip(agents[0].parameters(), agents[1].parameters()))
+    for mine, theirs in zip(ours, reference):
+        assert mine.state_dict()["param_groups"] == theirs.state_dict()["param_groups"]
+    # Each continues from the other's saved state (old checkpoints hold torch's), on a copy of the other's agent.
+    copies = [copy.deepcopy(agent) for agent in agents]
+    ours_from_torch = ppo_continuous.make_optimizers(copies[1], args)[0]
+    torch_from_ours = [torch.optim.Adam([{"params": list(group["params"]), "lr": 0.0} for group in optimizer.param_groups],
+                                        eps=1e-5, fused=True) for optimizer in ppo_continuous.make_optimizers(copies[0], args)[0]]
+    for optimizer, saved in zip(ours_from_torch, reference):
+        optimizer.load_state_dict(copy.deepcopy(saved.state_dict()))
+    for optimizer, saved in zip(torch_from_ours, ours):
+        optimizer.load_state_dict(copy.deepcopy(saved.state_dict()))
+    for agent, optimizers in ((agents[0], ours), (agents[1], reference), (copies[1], ours_from_torch),
+                              (copies[0], torch_from_ours)):
+        train_steps(agent, optimizers, 3)
+    assert all(torch.equal(a, b) for a, b in zip(agents[0].parameters(), copies[1].parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(agents[1].parameters(), copies[0].parameters()))
+    with pytest.raises(ValueError, match="parameter groups of sizes"):
+        ours[0].load_state_dict({"state": {}, "param_groups": [{"params": [0]}]})
+
+
+def test_a_short_eager_run_never_imports_torch_dynamo(tmp_path):
+    """torch.optim's optimizers import torch._dynamo on first use, about 1.5 s of a short run's start-up."""
+    script = ("import sys; sys.path.insert(0, sys.argv[1]); import ppo_continuous; ppo_continuous.main(['--env-id', "
+              "'Pendulum-v1', '--total-timesteps', '512', '--num-steps', '256', '--no-compile']); "
+              "print('torch._dynamo' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", script, str(Path(ppo_continuous.__file__).parent)],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "False"
 
 
 def test_numpy_mlp_refuses_a_network_it_does_not_mirror():
