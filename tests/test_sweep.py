@@ -295,8 +295,11 @@ def test_two_workers_join_one_study_on_postgresql(workdir, monkeypatch):
         assert [worker.returncode for worker in workers] == [0, 0], [err[-2000:] for _, err in outputs]
         study = optuna.load_study(study_name="shared", storage=url)
         trials = study.get_trials()
+        # Each was given --n-trials 2 and both joined the study: the budget is the study's, 2 trials in all. Which
+        # worker ran which trial depends on how fast each started, so it is not asserted.
+        assert all("study shared in" in out for out, _ in outputs)
         assert [trial.state for trial in trials] == [optuna.trial.TrialState.COMPLETE] * 2
-        assert len({trial.user_attrs["worker"] for trial in trials}) == 2, "both workers ran a trial"
+        assert {trial.user_attrs["worker"].split(":")[1] for trial in trials} <= {str(w.pid) for w in workers}
         for trial in trials:
             assert 1e-4 <= trial.params["learning_rate"] <= 1e-2
             scores = [torch.load(Path(run["run_dir"]) / "best.pt", weights_only=True)["score"]
