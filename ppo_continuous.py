@@ -32,12 +32,12 @@ import torch.nn as nn
 from gymnasium.wrappers.utils import RunningMeanStd
 
 from checkpoint_saver import RegistryError, entry_bytes, instance_key, save_atomic, without_password
-from ppo_support import (LOG_SQRT_2PI, Adam, CandidateSelection, Progress, RewardMeter, TrainError, check_env, check_fits_env,
-                         check_numpy_mirrors, checkpoint_defaults, compiled_minibatch_update, default_eval_every,
-                         deterministic_numpy_policy, env_action_map, evaluate, evaluation_protocol, format_score,
-                         global_state, grouped_cli, load_rms_state, make_vector_env, normalize_observation,
-                         numpy_policy, observation_stats, open_registry, open_writer, read_checkpoint,
-                         rms_state, say, score_checkpoints, signal_handlers, stop_signals,
+from ppo_support import (LOG_SQRT_2PI, Adam, CandidateSelection, Progress, RewardMeter, TrainError, check_env,
+                         check_fits_env, check_numpy_mirrors, checkpoint_defaults, compiled_minibatch_update,
+                         default_eval_every, deterministic_numpy_policy, env_action_map, evaluate, evaluation_protocol,
+                         format_score, global_state, grouped_cli, load_rms_state, make_vector_env,
+                         normalize_observation, numpy_policy, observation_stats, open_registry, open_writer,
+                         read_checkpoint, rms_state, say, score_checkpoints, signal_handlers, stop_signals,
                          unique_run_dir, warn, why_not_compiled, write_line)
 
 

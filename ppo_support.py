@@ -3,11 +3,11 @@
 Nothing here needs reading to follow the algorithm: making and checking environments, the agent's forward pass
 in numpy (the CPU fast path of rollouts and evaluation), the evaluation protocol that scores every candidate and
 the selection of candidates (when to evaluate, the best, patience), checkpoint files and `--eval-only`/`--compare`,
-the run folder and its loggers, the terminal and the process state a run borrows, grouped `--help`, and the
-compiled update (`--compile`). Two parts mirror the agent and its update, and must change
-with them: the numpy forward pass (checked against the agent at the start of every run, `check_numpy_mirrors`)
-and the compiled update (given `ppo_loss`; it mirrors the rest of `minibatch_update`). Copy this file, with
-`checkpoint_saver.py`, beside `ppo_continuous.py`.
+the run folder and its loggers, the terminal and the process state a run borrows, grouped `--help`, Adam
+without torch.optim's slow import, and the compiled update (`--compile`). Two parts mirror the agent and its
+update, and must change with them: the numpy forward pass (checked against the agent at the start of every run,
+`check_numpy_mirrors`) and the compiled update (given `ppo_loss`; it mirrors the rest of `minibatch_update`). Copy
+this file, with `checkpoint_saver.py`, beside `ppo_continuous.py`.
 """
 
 import ast

@@ -265,6 +265,12 @@ def test_mean_confidence_interval_is_the_student_t_interval():
     assert mean_confidence_interval(sample)[1] == pytest.approx((high - low) / 2, rel=1e-9)
 
 
+def torch_adam(param_groups):
+    """torch.optim.Adam with the groups (parameters, learning rates) of one of `make_optimizers`' optimizers."""
+    return torch.optim.Adam([{"params": list(group["params"]), "lr": group["lr"]} for group in param_groups],
+                            eps=1e-5, fused=True)
+
+
 @pytest.mark.parametrize("shared_optimizer", [False, True])
 def test_adam_is_torch_adam_bit_for_bit_and_their_states_interchange(shared_optimizer):
     args, _ = resolved_args(ppo_continuous.Args(shared_optimizer=shared_optimizer, actor_lr=1e-3, critic_lr=3e-3))
@@ -273,8 +279,7 @@ def test_adam_is_torch_adam_bit_for_bit_and_their_states_interchange(shared_opti
         torch.manual_seed(0)
         agents.append(ppo_continuous.Agent(5, 2))
     ours, _ = ppo_continuous.make_optimizers(agents[0], args)
-    reference = [torch.optim.Adam([{"params": list(group["params"]), "lr": group["lr"]} for group in optimizer.param_groups],
-                                  eps=1e-5, fused=True) for optimizer in ppo_continuous.make_optimizers(agents[1], args)[0]]
+    reference = [torch_adam(optimizer.param_groups) for optimizer in ppo_continuous.make_optimizers(agents[1], args)[0]]
     obs, actions = torch.randn(64, 5), torch.randn(64, 2)
 
     def train_steps(agent, optimizers, steps):
@@ -294,8 +299,8 @@ def test_adam_is_torch_adam_bit_for_bit_and_their_states_interchange(shared_opti
     # Each continues from the other's saved state (old checkpoints hold torch's), on a copy of the other's agent.
     copies = [copy.deepcopy(agent) for agent in agents]
     ours_from_torch = ppo_continuous.make_optimizers(copies[1], args)[0]
-    torch_from_ours = [torch.optim.Adam([{"params": list(group["params"]), "lr": 0.0} for group in optimizer.param_groups],
-                                        eps=1e-5, fused=True) for optimizer in ppo_continuous.make_optimizers(copies[0], args)[0]]
+    torch_from_ours = [torch_adam(optimizer.param_groups)
+                       for optimizer in ppo_continuous.make_optimizers(copies[0], args)[0]]
     for optimizer, saved in zip(ours_from_torch, reference):
         optimizer.load_state_dict(copy.deepcopy(saved.state_dict()))
     for optimizer, saved in zip(torch_from_ours, ours):
