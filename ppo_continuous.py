@@ -38,7 +38,7 @@ from ppo_support import (LOG_SQRT_2PI, Adam, CandidateSelection, Progress, Rewar
                          format_score, global_state, grouped_cli, load_rms_state, make_vector_env,
                          normalize_observation, numpy_policy, observation_stats, open_registry, open_writer,
                          read_checkpoint, rms_state, say, score_checkpoints, signal_handlers, stop_signals,
-                         unique_run_dir, warn, why_not_compiled, write_line)
+                         unique_run_dir, update_running_stats, warn, why_not_compiled, write_line)
 
 
 @dataclass
@@ -661,7 +661,7 @@ class Run:
         """Update the running observation statistics and normalise with them."""
         if self.obs_rms is None:
             return raw_obs.astype(np.float32)
-        self.obs_rms.update(raw_obs)
+        update_running_stats(self.obs_rms, raw_obs)
         return normalize_observation(raw_obs, self.obs_rms.mean, self.obs_rms.var, self.args.clip_obs)
 
     def truncation_values(self, infos, bootstrap):

@@ -218,6 +218,15 @@ def check_numpy_mirrors(agent):
                                f"(ppo_support.py) together with `Agent`")
 
 
+def update_running_stats(rms, batch):
+    """`rms.update(batch)` (gymnasium's RunningMeanStd) with the same numbers, minus np.mean's and np.var's ~13 µs
+    of overhead for a one-row batch (one env), whose mean is the row and whose variance is 0."""
+    if len(batch) == 1:
+        rms.update_from_moments(batch[0], np.zeros_like(batch[0]), 1)
+    else:
+        rms.update(batch)
+
+
 def normalize_observation(obs, mean, var, clip):
     """What every observation goes through before the networks see it (gymnasium's formula)."""
     return np.clip((obs - mean) / np.sqrt(var + 1e-8), -clip, clip).astype(np.float32)

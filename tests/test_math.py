@@ -18,7 +18,7 @@ from ppo_continuous import (TrainError, compute_gae, differential_returns, expla
                             gaussian_log_prob, learning_rate_factor, make_training_envs, policy_loss, resolved_args,
                             update_rho, value_loss)
 from ppo_support import (check_env, check_numpy_mirrors, make_vector_env, mean_confidence_interval,
-                         normalize_observation, numpy_mlp, numpy_policy)
+                         normalize_observation, numpy_mlp, numpy_policy, update_running_stats)
 import tests.envs  # noqa: F401  (registers the test envs)
 from tests.conftest import fast_args
 
@@ -184,6 +184,20 @@ def test_observation_normalisation_matches_gymnasium_wrapper():
             (raw_env.step([a])[0], wrapped.step([a])[0]) for a in (-2.0, 0.5, 2.0)]:
         rms.update(raw[None])
         np.testing.assert_array_equal(normalize_observation(raw, rms.mean, rms.var, np.inf), normalised)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_running_stats_update_is_gymnasiums_bit_for_bit(dtype):
+    from gymnasium.wrappers.utils import RunningMeanStd
+    rng = np.random.default_rng(0)
+    ours, theirs = RunningMeanStd(shape=(5,)), RunningMeanStd(shape=(5,))
+    for rows in (1, 1, 3, 1, 8, 1, 1):  # one env, and batches of several, interleaved
+        batch = (rng.normal(size=(rows, 5)) * 10 + 3).astype(dtype)
+        update_running_stats(ours, batch)
+        theirs.update(batch)
+        assert ours.count == theirs.count
+        np.testing.assert_array_equal(ours.mean, theirs.mean)
+        np.testing.assert_array_equal(ours.var, theirs.var)
 
 
 def test_numpy_policy_matches_get_action_and_value():
