@@ -92,8 +92,8 @@ RECOMMENDED = {
 # step, learned faster there: exact gap of best.pt at 20M steps, 64 envs against 32: IH +1.52% and +0.96% (seeds 1,
 # 2) against +0.56% (seed 1); BH +10.98% (seed 1) against +1.71% and +0.83% (seeds 1, 2). On three seeds the
 # 32-env runs still stalled at times near the best static priority's value (IH +0.56, +3.13, +1.43%; BH +1.25, +0.83,
-# +6.91%) as the action noise collapsed; an entropy bonus of 0.01 keeps it exploring: IH seed 2 +0.40%, BH seed 3
-# +0.57%, each the same seed's worst run before.
+# +6.91%) as the action noise collapsed; an entropy bonus of 0.01 keeps it exploring: IH +0.21, +0.40, +0.27%, BH
+# +1.31, +0.87, +0.57% on seeds 1-3. Not better on BH: 16 envs, 40M steps, a bonus of 0.001 (literature_findings.md).
 HEAVY_TRAFFIC = {"criss-cross-ih", "criss-cross-bh"}
 HEAVY_TRAFFIC_OPTIONS = {"--reset-steps": "100000", "--num-envs": "32", "--ent-coef": "0.01"}
 
