@@ -888,21 +888,25 @@ def write_report(study, out_dir, top=5, tag="eval/LTA_return", baseline_precisio
 
     params = {trial.number: ", ".join(f"{name}={trial.params[name]:.3g}" if isinstance(trial.params[name], float)
                                       else f"{name}={trial.params[name]}" for name in varied) for trial in best}
-    figure, axes = plt.subplots(len(labels), 1, figsize=(10, 4 * len(labels)), squeeze=False)
-    for index, (axis, label, lines) in enumerate(zip(axes[:, 0], labels, references)):
-        for curve in (curve for curve in curves if curve["instance"] == index):
-            line, = axis.plot(curve["steps"], curve["value"],
-                              label=f"trial {curve['trial']}: {params[curve['trial']]}".rstrip(": "))
-            axis.fill_between(curve["steps"], curve["ci_low"], curve["ci_high"], color=line.get_color(), alpha=0.2)
-        for color, reference in zip(plt.cm.Dark2.colors, lines):
-            style = ({"color": "black", "linestyle": "--"} if reference["name"] == "optimal"
-                     else {"color": color, "linestyle": ":"})
-            axis.axhline(reference["value"], label=reference["name"], **style)
-        axis.set(title=label, xlabel="environment steps", ylabel=f"{tag} ({statistic} over seeds, {CONFIDENCE:.0%} CI)")
-        axis.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1))
-    figure.tight_layout()
-    figure.savefig(paths["curves_png"], dpi=100)
-    plt.close(figure)
+    if curves or any(references):
+        figure, axes = plt.subplots(len(labels), 1, figsize=(10, 4 * len(labels)), squeeze=False)
+        for index, (axis, label, lines) in enumerate(zip(axes[:, 0], labels, references)):
+            for curve in (curve for curve in curves if curve["instance"] == index):
+                line, = axis.plot(curve["steps"], curve["value"],
+                                  label=f"trial {curve['trial']}: {params[curve['trial']]}".rstrip(": "))
+                axis.fill_between(curve["steps"], curve["ci_low"], curve["ci_high"], color=line.get_color(), alpha=0.2)
+            for color, reference in zip(plt.cm.Dark2.colors, lines):
+                style = ({"color": "black", "linestyle": "--"} if reference["name"] == "optimal"
+                         else {"color": color, "linestyle": ":"})
+                axis.axhline(reference["value"], label=reference["name"], **style)
+            axis.set(title=label, xlabel="environment steps",
+                     ylabel=f"{tag} ({statistic} over seeds, {CONFIDENCE:.0%} CI)")
+            axis.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1))
+        figure.tight_layout()
+        figure.savefig(paths["curves_png"], dpi=100)
+        plt.close(figure)
+    else:  # no trial completed and no reference line: nothing to draw
+        del paths["curves_png"]
 
     if complete:
         optuna_plots.plot_optimization_history(study).figure.savefig(paths["history_png"], dpi=100, bbox_inches="tight")
