@@ -318,8 +318,7 @@ def ppo_loss(agent_outputs, minibatch, args):
 
 def make_optimizers(agent, args):
     """Adam for the actor and the critic: one optimizer (CleanRL's) or one each; and the groups whose gradients
-    are clipped together. `Adam` is torch.optim.Adam with its fused kernel (one kernel per step instead of a Python
-    loop over parameters), minus a slow import (ppo_support.py)."""
+    are clipped together. `Adam` (ppo_support.py): torch.optim.Adam's fused kernel, minus a slow import."""
     actor_params = list(agent.actor_mean.parameters()) + [agent.actor_logstd]
     critic_params = list(agent.critic.parameters())
     if args.shared_optimizer:

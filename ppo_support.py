@@ -765,15 +765,20 @@ class Adam:
             for param in group["params"]:
                 param.grad = None
 
+    def state_of(self, param):
+        """The parameter's moments and step count, created at zero where missing (torch.optim.Adam creates them on
+        its first step)."""
+        state = self.state[param]
+        if not state:
+            state.update(step=torch.zeros((), device=param.device), exp_avg=torch.zeros_like(param),
+                         exp_avg_sq=torch.zeros_like(param))
+        return state
+
     @torch.no_grad()
     def step(self):
         for group in self.param_groups:
             params = [param for param in group["params"] if param.grad is not None]
-            states = [self.state[param] for param in params]
-            for param, state in zip(params, states):
-                if not state:  # created on the first step, as torch.optim.Adam does
-                    state.update(step=torch.zeros((), device=param.device), exp_avg=torch.zeros_like(param),
-                                 exp_avg_sq=torch.zeros_like(param))
+            states = [self.state_of(param) for param in params]
             functional_adam(params, [param.grad for param in params], [state["exp_avg"] for state in states],
                             [state["exp_avg_sq"] for state in states], [], [state["step"] for state in states],
                             fused=True, amsgrad=False, beta1=group["betas"][0], beta2=group["betas"][1],
@@ -818,9 +823,7 @@ def compiled_minibatch_update(agent, optimizers, clip_groups, loss_fn, max_grad_
                             "make_optimizers (ppo_continuous.py)")
         for group in optimizer.param_groups:
             for param in group["params"]:
-                if not optimizer.state[param]:  # Adam creates its state on its first step: the same state, now
-                    optimizer.state[param] = {"step": torch.zeros((), device=param.device), "exp_avg":
-                                              torch.zeros_like(param), "exp_avg_sq": torch.zeros_like(param)}
+                optimizer.state_of(param)  # the state Adam would create on its first step, now
     names = [name for name, _ in agent.named_parameters()]
     position = {param: i for i, param in enumerate(agent.parameters())}
     groups = [group for optimizer in optimizers for group in optimizer.param_groups]
