@@ -263,6 +263,7 @@ def main():
     parser.add_argument("--env-kwargs", nargs="+", default=["{}"],
                         help="JSON env kwargs; each one given is a configuration of its own (with --env-id)")
     parser.add_argument("--iterations", type=int, default=3, help="rollouts per measurement")
+    parser.add_argument("--num-threads", type=int, default=1, help="torch threads of our trainer (its --num-threads)")
     parser.add_argument("--repeats", type=int, default=3, help="measurements per figure (the median is shown)")
     parser.add_argument("--modes", default="eager,compile", help="update modes to time: eager, compile (--compile)")
     parser.add_argument("--baseline-script", help="another ppo_continuous.py to time in the same run")
@@ -310,7 +311,7 @@ def main():
                                check=True)
         return
     baseline = load_trainer(options.baseline_script) if options.baseline_script else None
-    print(f"{os.cpu_count()} CPUs, torch threads 1, {options.iterations} rollouts per measurement, medians of "
+    print(f"{os.cpu_count()} CPUs, torch threads {options.num_threads}, {options.iterations} rollouts per measurement, medians of "
           f"{options.repeats}; update: 10 epochs x {options.num_minibatches} minibatches")
     header = ("| env | envs x steps | update | env-only SPS | rollout SPS | update s/rollout | train SPS "
               "| train / env-only | compile s (max) | 1M-step run / env-only |")
@@ -320,7 +321,8 @@ def main():
     print("|" + "---|" * (header.count("|") - 1))
     modes = options.modes.split(",")
     for (env_id, num_envs, num_steps), env_kwargs in itertools.product(configs, options.env_kwargs):
-        settings = {"env_kwargs": env_kwargs, "num_minibatches": options.num_minibatches}
+        settings = {"env_kwargs": env_kwargs, "num_minibatches": options.num_minibatches,
+                    "num_threads": options.num_threads}
         # Env-only and training alternate, --repeats times; each ratio pairs measurements taken side by side.
         env_runs, our_runs, their_runs = [], {mode: [] for mode in modes}, []
         for _ in range(options.repeats):
