@@ -242,6 +242,12 @@ def static_priority_scores(server_order, num_buffers):
     return scores
 
 
+def last_value(command, option):
+    """The value of `option` in a command line, where a later one overrides an earlier one as the trainer reads
+    them (the --extra options come after the recommended ones)."""
+    return command[len(command) - 1 - command[::-1].index(option) + 1]
+
+
 def warm_start(command, instance, seed, run_root, store):
     """A checkpoint to resume from whose policy starts as the best static priority: one rollout of training, then
     the bias of the actor's last layer set to that priority's scores (the layer's weights are small, so the mean
@@ -251,7 +257,7 @@ def warm_start(command, instance, seed, run_root, store):
     folder = run_root / "warm-start"
     folder.mkdir()
     network = Network.from_instance(instance)
-    one_rollout = int(command[command.index("--num-envs") + 1]) * int(command[command.index("--num-steps") + 1])
+    one_rollout = int(last_value(command, "--num-envs")) * int(last_value(command, "--num-steps"))
     with open(folder / "train.log", "w") as log:
         result = subprocess.run([*command, "--total-timesteps", str(one_rollout)], cwd=folder, stdout=log,
                                 stderr=subprocess.STDOUT)

@@ -215,7 +215,8 @@ def test_warm_start_acts_as_the_static_priority_it_starts_from(tmp_path):
     assert static_priority_scores(server_order, 6) == [1.0, 0.0, 2.0, 2.0, 0.0, 1.0]
     command = [sys.executable, str(Path(__file__).parent.parent / "ppo_continuous.py"), "--env-id", "queueing:QueueNetwork-v0", "--env-kwargs",
                '{"instance": "reentrant-2", "allocation": "priority"}', "--num-envs", "4", "--num-steps", "64",
-               "--eval-episodes", "2", "--eval-warmup", "0", "--eval-horizon", "100"]
+               "--eval-episodes", "2", "--eval-warmup", "0", "--eval-horizon", "100",
+               "--num-steps", "128"]  # a later option overrides an earlier one, as --extra does the recommended ones
     store = {"classical": {"reentrant-2": {"best_static": {"order": server_order}}}}
     path = warm_start(command, "reentrant-2", 1, tmp_path, store)
     policy, network = checkpoint_policy(str(path))
