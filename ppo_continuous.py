@@ -132,8 +132,6 @@ class Args:
     """use a clipped value loss, as in the PPO paper's code"""
     ent_coef: float = 0.0
     """coefficient of the entropy bonus"""
-    max_log_std: Optional[float] = None
-    """upper bound on the policy's log standard deviation, enforced after each learning phase (default: none)"""
     vf_coef: float = 0.5
     """coefficient of the value loss"""
     max_grad_norm: Optional[float] = 0.5
@@ -554,9 +552,6 @@ def train(args, on_evaluation=None):
                 approx_kl = ((ratio - 1) - ratio.log()).mean()  # the epoch's last minibatch, as CleanRL
                 if stop["requested"] or (args.target_kl is not None and approx_kl > args.target_kl):
                     break
-
-            if args.max_log_std is not None:  # keeps an entropy bonus from growing the noise without end
-                agent.actor_logstd.data.clamp_(max=args.max_log_std)
 
             # LOG
             run.log_update((pg_loss, v_loss, entropy_loss), ratios, buffers["values"], returns)
