@@ -196,4 +196,3 @@ def test_a_checkpoint_carries_its_problem_definition_and_evaluates_from_anywhere
     # Envs that offer no definition: None.
     pendulum = train(fast_args(total_timesteps=256))
     assert torch.load(pendulum["run_dir"] / "final.pt", weights_only=True)["problem_definition"] is None
-
