@@ -245,7 +245,7 @@ def static_priority_scores(server_order, num_buffers):
 def last_value(command, option):
     """The value of `option` in a command line, where a later one overrides an earlier one as the trainer reads
     them (the --extra options come after the recommended ones)."""
-    return command[len(command) - 1 - command[::-1].index(option) + 1]
+    return command[len(command) - command[::-1].index(option)]
 
 
 def warm_start(command, instance, seed, run_root, store):

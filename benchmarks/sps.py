@@ -311,8 +311,8 @@ def main():
                                check=True)
         return
     baseline = load_trainer(options.baseline_script) if options.baseline_script else None
-    print(f"{os.cpu_count()} CPUs, torch threads {options.num_threads}, {options.iterations} rollouts per measurement, medians of "
-          f"{options.repeats}; update: 10 epochs x {options.num_minibatches} minibatches")
+    print(f"{os.cpu_count()} CPUs, torch threads {options.num_threads}, {options.iterations} rollouts per measurement, "
+          f"medians of {options.repeats}; update: 10 epochs x {options.num_minibatches} minibatches")
     header = ("| env | envs x steps | update | env-only SPS | rollout SPS | update s/rollout | train SPS "
               "| train / env-only | compile s (max) | 1M-step run / env-only |")
     if baseline:
