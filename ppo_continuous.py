@@ -36,7 +36,7 @@ from ppo_support import (LOG_SQRT_2PI, Adam, CandidateSelection, Progress, Rewar
                          check_fits_env, check_numpy_mirrors, checkpoint_defaults, compiled_minibatch_update,
                          default_eval_every, deterministic_numpy_policy, env_action_map, evaluate, evaluation_protocol,
                          format_score, global_state, grouped_cli, load_rms_state, make_vector_env,
-                         normalize_observation, numpy_policy, observation_stats, open_registry, open_writer,
+                         next_state_distribution_of, normalize_observation, numpy_mlp, numpy_policy, observation_stats, open_registry, open_writer,
                          read_checkpoint, rms_state, say, score_checkpoints, signal_handlers, stop_signals,
                          unique_run_dir, update_running_stats, warn, why_not_compiled, write_line)
 
@@ -90,6 +90,10 @@ class Args:
     """the lambda of generalized advantage estimation"""
     bootstrap_truncation: bool = True
     """on a time-limit truncation, bootstrap from the value of the true final observation"""
+    expected_td: bool = False
+    """bootstrap every TD error from the expected value of the next state, over the next-state distribution the env
+    reports (`next_state_distribution`: queueing networks in continuous time), instead of from the sampled next
+    state: the same expectation with less variance (a control variate)"""
     time_scaled: bool = False
     """divide the reward at step t of an episode by t (t = 1, 2, ...)"""
     moving_average: bool = True
@@ -248,16 +252,22 @@ def gaussian_entropy(log_std):
     return (0.5 + LOG_SQRT_2PI + log_std).sum(-1)
 
 
-def compute_gae(rewards, values, next_value, terminated, truncated, truncation_values, gamma, gae_lambda):
+def compute_gae(rewards, values, next_value, terminated, truncated, truncation_values, gamma, gae_lambda,
+                expected_next_values=None):
     """Generalized advantage estimates for a rollout of shape (num_steps, num_envs).
 
     Step t's TD target bootstraps from the value of the state it led to: nothing on termination, the value
     of the true final observation on truncation (`truncation_values[t]`), `values[t + 1]` otherwise, and
     `next_value` (the value of the observation after the rollout) at the last step. Advantages never flow
     across the end of an episode. Pass `truncated` into `terminated` to treat time-outs as terminations.
+    With `expected_next_values[t]` (E[V(next state) | state t, action t], `--expected-td`), step t bootstraps
+    from it instead, whichever next state came (a truncation's too); a termination still gives nothing.
     """
-    next_values = np.concatenate([values[1:], next_value[None]])
-    next_values = np.where(truncated, truncation_values, next_values)
+    if expected_next_values is None:
+        next_values = np.concatenate([values[1:], next_value[None]])
+        next_values = np.where(truncated, truncation_values, next_values)
+    else:
+        next_values = expected_next_values
     next_values = np.where(terminated, 0.0, next_values)
     deltas = rewards + gamma * next_values - values
     carry = gamma * gae_lambda * ~(terminated | truncated)
@@ -492,7 +502,8 @@ def train(args, on_evaluation=None):
         buffers = {name: np.zeros((args.num_steps, args.num_envs, *shape), dtype=dtype) for name, shape, dtype in [
             ("obs", (run.obs_size,), np.float32), ("actions", (run.action_size,), np.float32),
             ("logprobs", (), np.float32), ("rewards", (), np.float32), ("values", (), np.float32),
-            ("terminated", (), bool), ("truncated", (), bool), ("truncation_values", (), np.float32)]}
+            ("terminated", (), bool), ("truncated", (), bool), ("truncation_values", (), np.float32),
+            ("expected_next_values", (), np.float32)]}
         next_obs = run.reset_envs()
         while counters["global_step"] + batch_size <= args.total_timesteps and not run.stopped(stop):
             run.begin_rollout()
@@ -505,7 +516,10 @@ def train(args, on_evaluation=None):
                 # torch's generator draws the noise: the random stream `get_action_and_value` would use.
                 action, logprob, value = policy(next_obs, torch.randn(args.num_envs, run.action_size).numpy())
                 buffers["actions"][step], buffers["logprobs"][step], buffers["values"][step] = action, logprob, value
-                raw_obs, reward, terminated, truncated, infos = envs.step(run.env_action(action))
+                env_action = run.env_action(action)
+                if args.expected_td:
+                    buffers["expected_next_values"][step] = run.expected_next_value(env_action)
+                raw_obs, reward, terminated, truncated, infos = envs.step(env_action)
                 buffers["rewards"][step], buffers["terminated"][step], buffers["truncated"][step] = (
                     reward, terminated, truncated)
                 next_obs = run.observe(raw_obs)
@@ -528,7 +542,8 @@ def train(args, on_evaluation=None):
                 rewards = rewards - run.rho
             terminated = buffers["terminated"] | (buffers["truncated"] & (not args.bootstrap_truncation))
             advantages = compute_gae(rewards, buffers["values"], next_value, terminated, buffers["truncated"],
-                                     buffers["truncation_values"], args.gamma, args.gae_lambda)
+                                     buffers["truncation_values"], args.gamma, args.gae_lambda,
+                                     buffers["expected_next_values"] if args.expected_td else None)
             returns = (differential_returns(advantages, buffers["values"]) if args.average_reward
                        else advantages + buffers["values"])
 
@@ -602,6 +617,8 @@ class Run:
             self.envs, self.reward_normalizer, self.reward_meter = make_training_envs(args, env_kwargs,
                                                                                       self.env_info)
         resources.callback(self.envs.close)
+        self.next_state_distribution = (next_state_distribution_of(self.envs, args.env_id, self.action_size)
+                                        if args.expected_td else None)
         if resumed is not None and self.reward_normalizer is not None and resumed["reward_rms"] is not None:
             # The scale statistics carry over; the running returns of episodes that no longer exist do not.
             load_rms_state(self.reward_normalizer.return_rms, resumed["reward_rms"])
@@ -676,6 +693,15 @@ class Run:
             values[bootstrap] = self.agent.get_value(torch.from_numpy(final_obs).to(self.device)).squeeze(-1).cpu()
         return values
 
+    def expected_next_value(self, env_action):
+        """`--expected-td`: E[V(next state)] per env, over the next states the env says this action can lead to."""
+        next_obs, probabilities = self.next_state_distribution(env_action)
+        next_obs = next_obs.astype(np.float32)
+        if self.obs_rms is not None:
+            next_obs = normalize_observation(next_obs, self.obs_rms.mean, self.obs_rms.var, self.args.clip_obs)
+        values = self.rollout_critic(next_obs.reshape(-1, next_obs.shape[-1])).reshape(probabilities.shape)
+        return (probabilities * values).sum(axis=1)
+
     def episodes_ended(self, infos):
         """Log the avg LTA return of the episodes that just ended; a new best of this run nominates the agent
         for evaluation (the measurement itself is too noisy to rank checkpoints by)."""
@@ -698,6 +724,7 @@ class Run:
             for group, lr in zip(optimizer.param_groups, lrs):
                 group["lr"] = lr * factor
         self.lr_factor, self.phase_start = factor, time.perf_counter()
+        self.rollout_critic = numpy_mlp(self.agent.critic) if args.expected_td else None
 
     def end_rollout(self, buffers, on_evaluation):
         """Checks that need a rollout to see, then the evaluation of the agent that collected it, if the candidate

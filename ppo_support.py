@@ -218,6 +218,20 @@ def check_numpy_mirrors(agent):
                                f"(ppo_support.py) together with `Agent`")
 
 
+def next_state_distribution_of(envs, env_id, action_size):
+    """`--expected-td`: the vector env's `next_state_distribution(actions) -> (observations (N, M, obs),
+    probabilities (N, M))`, probed once; TrainError where the env has none or cannot give it."""
+    method = getattr(envs.unwrapped, "next_state_distribution", None)
+    if method is None:
+        raise TrainError(f"--expected-td needs a vector env with a next_state_distribution method (the queueing "
+                         f"networks in continuous time, without --async-envs); env '{env_id}' has none: drop the flag")
+    try:
+        method(np.zeros((envs.num_envs, action_size), dtype=np.float32))
+    except ValueError as error:
+        raise TrainError(f"--expected-td: {error}; drop the flag") from None
+    return method
+
+
 def update_running_stats(rms, batch):
     """`rms.update(batch)` (gymnasium's RunningMeanStd) with the same numbers, minus np.mean's and np.var's ~13 µs
     of overhead for a one-row batch (one env), whose mean is the row and whose variance is 0."""

@@ -474,6 +474,49 @@ def step_dynamics(
     return new_queues, draw_connectivity(network, uniforms), completed
 
 
+def next_state_distribution(network: Network, queues: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every queue vector the next slot can lead to, and its probability, for N copies of a continuous-time network.
+
+    Returns (next_queues (N, M, K) int, probabilities (N, M)), the same M candidates for every copy: an arrival at
+    each buffer with an arrival rate, a completion at each buffer k followed by each of its routes (to a buffer j
+    with routing[k][j] > 0, or out of the network), and the self-loop, which takes the remaining probability.
+    Candidates that cannot happen (a completion at a buffer the server did not pick) have probability 0. This is
+    the uniformized chain `step_dynamics` samples from, which a trainer can use to take the expectation of the
+    next state's value exactly instead of sampling it. Discrete-time networks (many events per slot) and
+    networks with connectivity are not supported.
+    """
+    if not network.continuous_time or network.connectivity is not None:
+        raise ValueError(f"network {network.name!r}: the next-state distribution is available for continuous-time "
+                         f"networks without connectivity only")
+    num_buffers = network.num_buffers
+    identity = np.eye(num_buffers, dtype=np.int64)
+    arriving = np.flatnonzero(network.arrival_probabilities > 0)
+    routing = np.zeros((num_buffers, num_buffers)) if network.routing is None else network.routing
+    exit_probability = np.clip(1.0 - routing.sum(axis=1), 0.0, 1.0)
+    sources, changes, route_probabilities = [], [], []
+    for source in range(num_buffers):
+        for destination in np.flatnonzero(routing[source] > 0):
+            sources.append(source)
+            changes.append(identity[destination] - identity[source])
+            route_probabilities.append(routing[source, destination])
+        if exit_probability[source] > 0:
+            sources.append(source)
+            changes.append(-identity[source])
+            route_probabilities.append(exit_probability[source])
+    changes = np.concatenate([identity[arriving], np.array(changes).reshape(-1, num_buffers),
+                              np.zeros((1, num_buffers), dtype=np.int64)])
+    picked = server_allocation(weights, queues, np.ones_like(queues, dtype=bool), network.server_membership,
+                               network.allocation)
+    completion = picked[:, sources] * (network.service_probabilities[sources] * np.array(route_probabilities))
+    moves = np.concatenate([np.broadcast_to(network.arrival_probabilities[arriving], (len(queues), len(arriving))),
+                            completion], axis=1)
+    # The self-loop takes what is left; max() keeps a rounding error of 1e-17 from making it negative.
+    probabilities = np.concatenate([moves, np.maximum(1.0 - moves.sum(axis=1, keepdims=True), 0.0)], axis=1)
+    # An impossible completion (probability 0) would empty a queue below zero: keep its state valid.
+    next_queues = np.maximum(np.asarray(queues)[:, None, :] + changes, 0)
+    return next_queues, probabilities
+
+
 def holding_cost(network: Network, queues: np.ndarray) -> np.ndarray:
     """sum_k c_k q_k per copy; the reward is its negative."""
     return (queues * network.holding_costs).sum(axis=-1)

@@ -23,6 +23,7 @@ from queueing.env import (
     draw_connectivity,
     draw_key,
     holding_cost,
+    next_state_distribution,
     observation,
     parse_initial_queues,
     slot_uniforms,
@@ -110,6 +111,13 @@ class QueueNetworkVectorEnv(VectorEnv):
             initial_queues = parse_initial_queues(self.network, initial_queues)
         self._reset_copies(copies, [seeds[copy] for copy in copies], initial_queues)
         return observation(self.network, self._queues, self._connected), {}
+
+    def next_state_distribution(self, actions):
+        """Where `step(actions)` can take each copy from its current state: (observations (N, M, obs), probabilities
+        (N, M)), the M candidates of `queueing.env.next_state_distribution` (continuous-time networks only)."""
+        next_queues, probabilities = next_state_distribution(self.network, self._queues, np.asarray(actions))
+        connected = np.ones(next_queues.shape, dtype=bool)
+        return observation(self.network, next_queues, connected), probabilities
 
     def step(self, actions):
         weights = np.asarray(actions, dtype=np.float64)

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 from queueing.baselines import make_policy
-from queueing.env import Network, load_instance
+from queueing.env import Network, load_instance, next_state_distribution
 from queueing.longrun import long_run
-from queueing.exact import StateSpace, TransitionModel, slot_outcomes, solve_truncation, solve_until_converged
+from queueing.exact import (StateSpace, TransitionModel, policy_transition, slot_outcomes, solve_truncation,
+                            solve_until_converged)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -92,6 +93,42 @@ def test_priority_allocation_turns_constant_weights_into_a_strict_priority():
     proportional, _ = solve_truncation(Network.from_instance("single-server-2class"), 60, constant)
     assert priority.lta_return == pytest.approx(cmu.lta_return, abs=1e-5)
     assert proportional.lta_return < cmu.lta_return - 0.05
+
+
+# A split route: buffer 0 feeds buffer 1 with probability 0.3 and buffer 2 with 0.5; the rest leaves.
+SPLIT_ROUTE = {"name": "split-route", "time": "continuous", "arrival_rates": [0.5, 0.0, 0.2],
+               "service_rates": [1.0, 0.7, 0.9], "holding_costs": [1.0, 2.0, 1.5], "servers": [[0, 2], [1]],
+               "routing": [[0.0, 0.3, 0.5], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]}
+
+
+@pytest.mark.parametrize("instance, allocation, level", [("criss-cross-bh", "priority", 12),
+                                                        ("reentrant-2", "priority", 7),
+                                                        ("criss-cross-bh", "proportional", 12),
+                                                        (SPLIT_ROUTE, "priority", 12)])
+def test_next_state_distribution_is_the_exact_solvers_transition_row(instance, allocation, level):
+    """E[f(next state)] from `next_state_distribution` equals the truncated chain's row times f, for a
+    state-dependent policy, on every state whose successors all lie inside the truncation."""
+    network = Network.from_instance(instance, allocation)
+    mixing = np.random.default_rng(0).normal(size=(network.num_buffers, network.num_buffers))
+
+    def policy(observations):
+        scores = observations @ mixing
+        return scores if allocation == "priority" else 1 / (1 + np.exp(-scores))
+
+    model = TransitionModel.build(network, level)
+    f = np.random.default_rng(1).normal(size=model.space.size)
+    inside = np.flatnonzero(model.space.queues.sum(axis=1) < level)
+    queues = model.space.queues[inside]
+    next_queues, probabilities = next_state_distribution(network, queues, policy(queues.astype(float)))
+    assert np.all(probabilities >= 0)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-12)
+    want = policy_transition(model, policy)[inside] @ f
+    np.testing.assert_allclose((probabilities * f[model.space.index(next_queues)]).sum(axis=1), want, atol=1e-12)
+
+
+def test_next_state_distribution_refuses_discrete_time_networks():
+    with pytest.raises(ValueError, match="continuous-time networks without connectivity only"):
+        next_state_distribution(Network.from_instance("criss-cross"), np.zeros((1, 3), dtype=np.int64), np.zeros((1, 3)))
 
 
 def test_fixed_policy_value_agrees_with_a_long_simulation():

@@ -23,14 +23,18 @@ import tests.envs  # noqa: F401  (registers the test envs)
 from tests.conftest import fast_args
 
 
-def naive_gae(rewards, values, next_value, terminated, truncated, truncation_values, gamma, lam):
-    """Sum of (gamma * lam)^l * delta_{t+l}, walking forward until the episode or the rollout ends."""
+def naive_gae(rewards, values, next_value, terminated, truncated, truncation_values, gamma, lam,
+              expected_next_values=None):
+    """Sum of (gamma * lam)^l * delta_{t+l}, walking forward until the episode or the rollout ends; with
+    `expected_next_values`, each delta bootstraps from its own expected next value (unless terminated)."""
     num_steps, num_envs = rewards.shape
     advantages = np.zeros((num_steps, num_envs))
     for env in range(num_envs):
         def delta(t):
             if terminated[t, env]:
                 bootstrap = 0.0
+            elif expected_next_values is not None:
+                bootstrap = expected_next_values[t, env]
             elif truncated[t, env]:
                 bootstrap = truncation_values[t, env]
             elif t == num_steps - 1:
@@ -96,6 +100,17 @@ def test_gae_matches_naive_reference(gamma, lam, seed):
     got = compute_gae(rewards, values, next_value, terminated, truncated, truncation_values, gamma, lam)
     want = naive_gae(rewards, values, next_value, terminated, truncated, truncation_values, gamma, lam)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("gamma, lam", [(0.99, 0.95), (1.0, 0.0), (1.0, 1.0)])
+def test_gae_with_expected_next_values_matches_naive_reference(gamma, lam):
+    rewards, values, next_value, terminated, truncated, truncation_values = random_rollout(5)
+    expected = np.random.default_rng(6).normal(size=rewards.shape).astype(np.float32)
+    got = compute_gae(rewards, values, next_value, terminated, truncated, truncation_values, gamma, lam, expected)
+    want = naive_gae(rewards, values, next_value, terminated, truncated, truncation_values, gamma, lam, expected)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(got, compute_gae(rewards, values, next_value, terminated, truncated, truncation_values,
+                                            gamma, lam))
 
 
 @pytest.mark.parametrize("gamma", [0.9, 1.0])
@@ -443,3 +458,42 @@ def test_truncation_bootstraps_from_the_true_final_observation_through_the_rollo
         want = hand_returns(call["final_value"], call["after_value"], first_end, bootstrap)
         for env in range(2):
             np.testing.assert_allclose(returns[:, env], want, rtol=1e-5, atol=1e-5)
+
+
+def test_expected_td_bootstraps_from_the_env_next_state_distribution_through_the_rollout(indir, monkeypatch):
+    """--expected-td on a queueing network: each step's bootstrap is sum_k p_k V(candidate k) over what the env
+    reported before the step, valued by the critic of that rollout, and the advantages are GAE over those."""
+    from queueing.vector_env import QueueNetworkVectorEnv
+    reported, calls, agents = [], [], []
+    original_distribution = QueueNetworkVectorEnv.next_state_distribution
+    original_gae, original_optimizers = ppo_continuous.compute_gae, ppo_continuous.make_optimizers
+
+    def next_state_distribution(self, actions):
+        reported.append(original_distribution(self, actions))
+        return reported[-1]
+
+    def make_optimizers(agent, args):
+        agents.append(agent)
+        return original_optimizers(agent, args)
+
+    def compute_gae(*args):
+        with torch.no_grad():  # before the learning phase: the critic that collected the rollout
+            step_reports = reported[-32:]
+            want = [(torch.from_numpy(p) * agents[-1].get_value(torch.from_numpy(obs)).squeeze(-1)).sum(-1).numpy()
+                    for obs, p in step_reports]
+        calls.append((np.copy(args[-1]), np.array(want), original_gae(*args), [np.copy(a) for a in args[:-1]]))
+        return calls[-1][2]
+
+    monkeypatch.setattr(QueueNetworkVectorEnv, "next_state_distribution", next_state_distribution)
+    monkeypatch.setattr(ppo_continuous, "make_optimizers", make_optimizers)
+    monkeypatch.setattr(ppo_continuous, "compute_gae", compute_gae)
+    ppo_continuous.train(fast_args(env_id="queueing:QueueNetwork-v0", num_steps=32, total_timesteps=128,
+                                   env_kwargs='{"instance": "criss-cross-bh", "allocation": "priority"}',
+                                   average_reward=True, norm_obs=False, expected_td=True, reset_steps=20))
+    assert len(calls) == 2 and len(reported) == 1 + 64  # the probe at start-up, then one per step
+    for expected, want, advantages, (rewards, values, next_value, terminated, truncated, truncation_values, gamma,
+                                     lam) in calls:
+        assert truncated.any() and np.ptp(expected) > 0
+        np.testing.assert_allclose(expected, want, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(advantages, naive_gae(rewards, values, next_value, terminated, truncated,
+                                                         truncation_values, gamma, lam, want), rtol=1e-4, atol=1e-4)
