@@ -694,7 +694,9 @@ class Run:
         return values
 
     def expected_next_value(self, env_action):
-        """`--expected-td`: E[V(next state)] per env, over the next states the env says this action can lead to."""
+        """`--expected-td`: E[V(next state)] per env, over the next states the env says this action can lead to,
+        valued like the state the action was chosen in: same critic, same normalisation statistics (a step later they
+        will also have counted the next observation, a difference of one sample in all those seen)."""
         next_obs, probabilities = self.next_state_distribution(env_action)
         next_obs = next_obs.astype(np.float32)
         if self.obs_rms is not None:

@@ -24,6 +24,7 @@ a second call only computes what is missing; the report is benchmarks/results/li
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -94,8 +95,11 @@ RECOMMENDED = {
 # 32-env runs still stalled at times near the best static priority's value (IH +0.56, +3.13, +1.43%; BH +1.25, +0.83,
 # +6.91%) as the action noise collapsed; an entropy bonus of 0.01 keeps it exploring: IH +0.21, +0.40, +0.27%, BH
 # +1.31, +0.87, +0.57% on seeds 1-3. Not better on BH: 16 envs, 40M steps, a bonus of 0.001 (literature_findings.md).
+# What did help BH: --expected-td (TD errors from the expected next value over the env's known transitions), exact
+# gap of best.pt seed 1 +0.18% against +1.31% without it.
 HEAVY_TRAFFIC = {"criss-cross-ih", "criss-cross-bh"}
 HEAVY_TRAFFIC_OPTIONS = {"--reset-steps": "100000", "--num-envs": "32", "--ent-coef": "0.01"}
+HEAVY_TRAFFIC_FLAGS = ["--expected-td"]
 
 
 # On the re-entrant lines PPO starts from the best static priority (`warm_start`): measured on 6 classes, seed 1,
@@ -105,8 +109,8 @@ WARM_START_LOG_STD = -1.0
 
 
 def recommended(instance):
-    """The trainer's options for `instance`: its family's, with long training episodes, more updates per step and an
-    entropy bonus in heavy traffic."""
+    """The trainer's options for `instance`: its family's, with long training episodes, more updates per step, an
+    entropy bonus and expected TD errors in heavy traffic."""
     options = list(RECOMMENDED[family(instance)])
     if instance in HEAVY_TRAFFIC:
         for option, value in HEAVY_TRAFFIC_OPTIONS.items():
@@ -114,6 +118,7 @@ def recommended(instance):
                 options[options.index(option) + 1] = value
             else:
                 options += [option, value]
+        options += HEAVY_TRAFFIC_FLAGS
     return options
 
 
@@ -309,6 +314,20 @@ def evaluated_curve(run_dir):
     return [[event.step, -event.value] for event in accumulator.Scalars("eval/LTA_return")]
 
 
+# Options that name a run rather than how it trains.
+RUN_IDENTITY = {"exp_name", "seed", "env_id", "env_kwargs", "resume", "compile", "num_threads", "checkpoint_dir"}
+
+
+def settings_mismatch(saved_args, options):
+    """The trainer options on which a checkpoint's `saved_args` disagree with the command-line `options` (a reused
+    run must have been trained as the table says: the recommendation and --extra)."""
+    from ppo_continuous import cli_args
+
+    wanted = dataclasses.asdict(cli_args(list(options)))
+    return sorted(name for name, value in wanted.items() if name not in RUN_IDENTITY and name in saved_args
+                  and (list(value) if isinstance(value, tuple) else value) != saved_args[name])
+
+
 def ppo_run(instance, seed, workdir, extra, store, log):
     import torch
 
@@ -318,6 +337,10 @@ def ppo_run(instance, seed, workdir, extra, store, log):
     policy, network = checkpoint_policy(str(best))
     row = score_policy(instance, policy, network, start_level(store, instance))
     saved = torch.load(best, map_location="cpu", weights_only=True)
+    differ = settings_mismatch(saved["args"], recommended(instance) + list(extra))
+    if differ:
+        raise RuntimeError(f"{best} was trained with other settings than {' '.join(recommended(instance) + extra)} "
+                           f"({', '.join(differ)}): delete {Path(workdir) / instance / f'seed{seed}'} to train it again")
     warm = " (warm start: best static priority)" if instance in WARM_STARTED else ""
     row.update(checkpoint=str(best), best_step=int(saved["global_step"]), wall_seconds=round(wall),
                settings=" ".join(recommended(instance) + extra) + warm, curve=evaluated_curve(best.parent))

@@ -115,7 +115,12 @@ class QueueNetworkVectorEnv(VectorEnv):
     def next_state_distribution(self, actions):
         """Where `step(actions)` can take each copy from its current state: (observations (N, M, obs), probabilities
         (N, M)), the M candidates of `queueing.env.next_state_distribution` (continuous-time networks only)."""
-        next_queues, probabilities = next_state_distribution(self.network, self._queues, np.asarray(actions))
+        weights = np.asarray(actions, dtype=np.float64)
+        if weights.shape != (self.num_envs, self.network.num_buffers):
+            raise ValueError(
+                f"actions must have shape ({self.num_envs}, {self.network.num_buffers}), got {weights.shape}"
+            )
+        next_queues, probabilities = next_state_distribution(self.network, self._queues, weights)
         connected = np.ones(next_queues.shape, dtype=bool)
         return observation(self.network, next_queues, connected), probabilities
 

@@ -201,7 +201,8 @@ def test_heavy_traffic_trains_on_long_episodes():
                 for instance in ("criss-cross-il", "criss-cross-ih", "criss-cross-bh", "reentrant-2")}
     assert num_envs == {"criss-cross-il": 64, "criss-cross-ih": 32, "criss-cross-bh": 32, "reentrant-2": 64}
     assert "--ent-coef" not in recommended("criss-cross-il")
-    assert recommended("criss-cross-ih")[-2:] == ["--ent-coef", "0.01"]
+    assert recommended("criss-cross-ih")[-3:] == ["--ent-coef", "0.01", "--expected-td"]
+    assert "--expected-td" not in recommended("criss-cross-bm") + recommended("reentrant-2")
 
 
 def test_warm_start_acts_as_the_static_priority_it_starts_from(tmp_path):
@@ -227,3 +228,17 @@ def test_warm_start_acts_as_the_static_priority_it_starts_from(tmp_path):
     other = long_run(network, priority_policy(network, [0, 1, 2, 3, 4, 5]), seed=3, copies=8, precision=10.0,
                      first_horizon=4000)
     assert other.lta_return != fixed.lta_return  # the comparison can tell two orders apart
+
+
+def test_a_reused_run_must_have_been_trained_with_the_recommended_settings():
+    import dataclasses
+
+    from benchmarks.literature import recommended, settings_mismatch
+    from ppo_continuous import cli_args
+
+    options = recommended("criss-cross-bh")
+    saved = {name: list(value) if isinstance(value, tuple) else value
+             for name, value in dataclasses.asdict(cli_args([*options, "--seed", "7"])).items()}
+    assert settings_mismatch(saved, options) == []
+    assert settings_mismatch({**saved, "expected_td": False, "num_envs": 64}, options) == ["expected_td", "num_envs"]
+    assert settings_mismatch(saved, options + ["--gae-lambda", "0.99"]) == ["gae_lambda"]

@@ -464,13 +464,20 @@ def test_expected_td_bootstraps_from_the_env_next_state_distribution_through_the
     """--expected-td on a queueing network: each step's bootstrap is sum_k p_k V(candidate k) over what the env
     reported before the step, valued by the critic of that rollout, and the advantages are GAE over those."""
     from queueing.vector_env import QueueNetworkVectorEnv
-    reported, calls, agents = [], [], []
-    original_distribution = QueueNetworkVectorEnv.next_state_distribution
+    reported, realised, calls, agents = [], [], [], []
+    original_distribution, original_step = QueueNetworkVectorEnv.next_state_distribution, QueueNetworkVectorEnv.step
     original_gae, original_optimizers = ppo_continuous.compute_gae, ppo_continuous.make_optimizers
 
     def next_state_distribution(self, actions):
         reported.append(original_distribution(self, actions))
+        realised.append(self)  # the training env's next step: the one that follows
         return reported[-1]
+
+    def step(self, actions):
+        obs, reward, terminated, truncated, infos = original_step(self, actions)
+        if realised and realised[-1] is self:  # not the evaluation's envs
+            realised[-1] = [infos["final_obs"][copy] if truncated[copy] else obs[copy] for copy in range(len(obs))]
+        return obs, reward, terminated, truncated, infos
 
     def make_optimizers(agent, args):
         agents.append(agent)
@@ -485,12 +492,16 @@ def test_expected_td_bootstraps_from_the_env_next_state_distribution_through_the
         return calls[-1][2]
 
     monkeypatch.setattr(QueueNetworkVectorEnv, "next_state_distribution", next_state_distribution)
+    monkeypatch.setattr(QueueNetworkVectorEnv, "step", step)
     monkeypatch.setattr(ppo_continuous, "make_optimizers", make_optimizers)
     monkeypatch.setattr(ppo_continuous, "compute_gae", compute_gae)
     ppo_continuous.train(fast_args(env_id="queueing:QueueNetwork-v0", num_steps=32, total_timesteps=128,
                                    env_kwargs='{"instance": "criss-cross-bh", "allocation": "priority"}',
                                    average_reward=True, norm_obs=False, expected_td=True, reset_steps=20))
     assert len(calls) == 2 and len(reported) == 1 + 64  # the probe at start-up, then one per step
+    for (candidates, probabilities), next_obs in zip(reported[1:], realised[1:]):  # reported before each step
+        for copy, obs in enumerate(next_obs):
+            assert probabilities[copy][(candidates[copy] == obs).all(axis=1)].sum() > 0
     for expected, want, advantages, (rewards, values, next_value, terminated, truncated, truncation_values, gamma,
                                      lam) in calls:
         assert truncated.any() and np.ptp(expected) > 0
