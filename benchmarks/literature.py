@@ -95,8 +95,8 @@ RECOMMENDED = {
 # 32-env runs still stalled at times near the best static priority's value (IH +0.56, +3.13, +1.43%; BH +1.25, +0.83,
 # +6.91%) as the action noise collapsed; an entropy bonus of 0.01 keeps it exploring: IH +0.21, +0.40, +0.27%, BH
 # +1.31, +0.87, +0.57% on seeds 1-3. Not better on BH: 16 envs, 40M steps, a bonus of 0.001 (literature_findings.md).
-# What did help BH: --expected-td (TD errors from the expected next value over the env's known transitions), exact
-# gap of best.pt seed 1 +0.18% against +1.31% without it.
+# What did help: --expected-td (TD errors from the expected next value over the env's known transitions), exact gap
+# of best.pt on seeds 1-3: BH +0.18, +0.14, +0.18% (median +0.18%, was +0.87%), IH +0.23, +0.08, +0.19%.
 HEAVY_TRAFFIC = {"criss-cross-ih", "criss-cross-bh"}
 HEAVY_TRAFFIC_OPTIONS = {"--reset-steps": "100000", "--num-envs": "32", "--ent-coef": "0.01"}
 HEAVY_TRAFFIC_FLAGS = ["--expected-td"]
