@@ -242,3 +242,23 @@ def test_a_reused_run_must_have_been_trained_with_the_recommended_settings():
     assert settings_mismatch(saved, options) == []
     assert settings_mismatch({**saved, "expected_td": False, "num_envs": 64}, options) == ["expected_td", "num_envs"]
     assert settings_mismatch(saved, options + ["--gae-lambda", "0.99"]) == ["gae_lambda"]
+
+
+def test_the_starvation_rule_departs_from_the_stored_static_priority_only_where_station_2_starves():
+    from benchmarks.literature import load_store, static_priority_scores
+    from benchmarks.reentrant_rule import (STATIC_SCORES, class_1_first_by_station_2, starvation_rule,
+                                           static_policy)
+
+    order = load_store()["classical"]["reentrant-2"]["best_static"]["order"]
+    assert STATIC_SCORES.tolist() == static_priority_scores(order, 6)
+    network = Network.from_instance("reentrant-2", "priority")
+    # Class 1 and class 3 waiting at station 1, class 2 empty; station 2 holds 0..3 jobs.
+    observations = np.array([[2, 0, 3, jobs, 0, 0] for jobs in range(4)], dtype=float)
+    rule = starvation_rule(1)(observations)
+    assert (rule[:2, 0] > rule[:2, 2]).all() and (rule[:2, 1] > rule[:2, 0]).all()
+    np.testing.assert_array_equal(rule[2:], static_policy(observations[2:]))
+    # The analysis reads the rule back from simulated states: always class 1 first up to k jobs, never above.
+    shares = class_1_first_by_station_2(starvation_rule(1), network, seed=3, copies=8, warmup=200, slots=2_000)
+    assert {level: share for level, (_, share) in shares.items()} == {
+        level: float(level <= 1) for level in shares}
+    assert len(shares) >= 4
