@@ -31,6 +31,7 @@ INSTANCE = "reentrant-2"
 # classes 4-6 at station 2.
 STATIC_SCORES = np.array([0.0, 2.0, 1.0, 0.0, 1.0, 2.0])
 STATION_2 = slice(3, 6)
+MOST_JOBS_SHOWN = 12  # station-2 contents from here up are counted together
 
 
 def static_policy(observations):
@@ -46,7 +47,7 @@ def starvation_rule(k):
     return policy
 
 
-def class_1_first_by_station_2(policy, network, seed, copies=64, warmup=20_000, slots=20_000, cap=12):
+def class_1_first_by_station_2(policy, network, seed, copies=64, warmup=20_000, slots=20_000, cap=MOST_JOBS_SHOWN):
     """{jobs at station 2 (capped at `cap`): (states, share where `policy` serves class 1 before class 3)} over the
     states where station 1 holds class-1 and class-3 jobs and no class 2, after `warmup` slots."""
     envs = QueueNetworkVectorEnv(copies, network)
@@ -77,9 +78,10 @@ def main():
     policies.update({f"rule, k = {k}": starvation_rule(k) for k in options.thresholds})
     if options.checkpoint:
         trained, trained_network = checkpoint_policy(options.checkpoint)
-        if trained_network.definition != network.definition:
+        if trained_network.definition != network.definition or trained_network.allocation != "priority":
             parser.exit(2, f"{parser.prog}: error: --checkpoint {options.checkpoint} was trained on "
-                           f"{trained_network.name}; give one trained on {INSTANCE}\n")
+                           f"{trained_network.name} ({trained_network.allocation} allocation); give one trained on "
+                           f"{INSTANCE} with the priority allocation\n")
         policies[Path(options.checkpoint).name] = trained
     print(f"{INSTANCE}: {options.copies} copies x {options.horizon:,} slots, first half discarded, seed {options.seed}")
     static = None
@@ -93,7 +95,7 @@ def main():
     if options.checkpoint:
         print("class 1 served before class 3 (class 2 empty), by jobs at station 2:")
         for level, (states, share) in class_1_first_by_station_2(trained, network, options.seed).items():
-            print(f"  {level:>2}{'+' if level == 12 else ' '}: {share:4.0%} of {states:,} states")
+            print(f"  {level:>2}{'+' if level == MOST_JOBS_SHOWN else ' '}: {share:4.0%} of {states:,} states")
 
 
 if __name__ == "__main__":
