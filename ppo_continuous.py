@@ -29,16 +29,15 @@ import gymnasium as gym
 import numpy as np
 import torch
 import torch.nn as nn
-from gymnasium.wrappers.utils import RunningMeanStd
 
 from checkpoint_saver import RegistryError, entry_bytes, instance_key, save_atomic, without_password
-from ppo_support import (LOG_SQRT_2PI, Adam, CandidateSelection, Progress, RewardMeter, TrainError, check_env,
-                         check_fits_env, check_numpy_mirrors, checkpoint_defaults, compiled_minibatch_update,
+from ppo_support import (LOG_SQRT_2PI, Adam, CandidateSelection, Progress, RewardMeter, RunningStats, TrainError,
+                         check_env, check_fits_env, check_numpy_mirrors, checkpoint_defaults, compiled_minibatch_update,
                          default_eval_every, deterministic_numpy_policy, env_action_map, evaluate, evaluation_protocol,
                          format_score, global_state, grouped_cli, load_rms_state, make_vector_env,
-                         next_state_distribution_of, normalize_observation, numpy_mlp, numpy_policy, observation_stats, open_registry, open_writer,
-                         read_checkpoint, rms_state, say, score_checkpoints, signal_handlers, stop_signals,
-                         unique_run_dir, update_running_stats, warn, why_not_compiled, write_line)
+                         next_state_distribution_of, normalize_observation, numpy_mlp, numpy_policy, observation_stats,
+                         open_registry, open_writer, read_checkpoint, rms_state, say, score_checkpoints,
+                         signal_handlers, stop_signals, unique_run_dir, warn, why_not_compiled, write_line)
 
 
 @dataclass
@@ -411,6 +410,7 @@ def make_training_envs(args, env_kwargs, env_info):
         # An undiscounted running return has no stationary scale, so the scaler discounts at 0.99 when gamma = 1.
         envs = reward_normalizer = gym.wrappers.vector.NormalizeReward(envs, gamma=args.gamma if args.gamma < 1
                                                                        else 0.99)
+        reward_normalizer.return_rms = RunningStats(shape=())
         # One numpy call per step: gymnasium's vector ClipReward clips each copy's reward in a Python loop.
         envs = gym.wrappers.vector.TransformReward(envs, lambda reward: np.clip(reward, -args.clip_reward,
                                                                                 args.clip_reward))
@@ -601,7 +601,7 @@ class Run:
         self.env_action = env_action_map(self.agent)
         self.optimizers, self.clip_groups = make_optimizers(self.agent, args)
         self.base_lrs = [[group["lr"] for group in optimizer.param_groups] for optimizer in self.optimizers]
-        self.obs_rms = RunningMeanStd(shape=(self.obs_size,)) if args.norm_obs else None
+        self.obs_rms = RunningStats(shape=(self.obs_size,)) if args.norm_obs else None
         self.counters = {"global_step": 0, "rollouts": 0, "resets": 0, "updates": 0, "minibatch_updates": 0,
                          "evaluations": 0}
         self.rho, self.told_duplicate = None, False
@@ -677,7 +677,7 @@ class Run:
         """Update the running observation statistics and normalise with them."""
         if self.obs_rms is None:
             return raw_obs.astype(np.float32)
-        update_running_stats(self.obs_rms, raw_obs)
+        self.obs_rms.update(raw_obs)
         return normalize_observation(raw_obs, self.obs_rms.mean, self.obs_rms.var, self.args.clip_obs)
 
     def truncation_values(self, infos, bootstrap):

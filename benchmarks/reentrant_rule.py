@@ -4,9 +4,10 @@
     python benchmarks/reentrant_rule.py --thresholds 1 --copies 256 --checkpoint RUN/best.pt
 
 The best static priority on `reentrant-2` (coordinate search, `benchmarks/literature.py`) serves class 2, then 3,
-then 1 at station 1, and classes 6, 5, 4 at station 2. Class 1's jobs go on to station 2 and class 3's leave. The
-rule: the same order, except that station 1 puts class 1 ahead of class 3 (still behind class 2) while station 2
-holds at most k jobs, so station 2 is fed when it would otherwise starve. Every policy runs on the same seed in the
+then 1 at station 1, and classes 6, 5, 4 at station 2. Every class of station 1 goes on to station 2: class 1
+becomes class 4 (mean service 6 there), class 3 becomes class 6 (mean service 1). The rule: the same order, except
+that station 1 puts class 1 ahead of class 3 (still behind class 2) while station 2 holds at most k jobs, so a
+starving station 2 is sent the job that brings it the most work. Every policy runs on the same seed in the
 vector env, so copy i sees the same random numbers under each one (common random numbers). Each cost is the
 long-run mean over the second half of each copy, and each difference against the static priority is paired over
 copies, with 95% t intervals. With `--checkpoint` a trained agent's deterministic policy runs too, and the script

@@ -17,8 +17,8 @@ import ppo_continuous
 from ppo_continuous import (TrainError, compute_gae, differential_returns, explained_variance, gaussian_entropy,
                             gaussian_log_prob, learning_rate_factor, make_training_envs, policy_loss, resolved_args,
                             update_rho, value_loss)
-from ppo_support import (check_env, check_numpy_mirrors, make_vector_env, mean_confidence_interval,
-                         normalize_observation, numpy_mlp, numpy_policy, update_running_stats)
+from ppo_support import (RunningStats, check_env, check_numpy_mirrors, make_vector_env, mean_confidence_interval,
+                         normalize_observation, numpy_mlp, numpy_policy)
 import tests.envs  # noqa: F401  (registers the test envs)
 from tests.conftest import fast_args
 
@@ -205,14 +205,28 @@ def test_observation_normalisation_matches_gymnasium_wrapper():
 def test_running_stats_update_is_gymnasiums_bit_for_bit(dtype):
     from gymnasium.wrappers.utils import RunningMeanStd
     rng = np.random.default_rng(0)
-    ours, theirs = RunningMeanStd(shape=(5,)), RunningMeanStd(shape=(5,))
+    ours, theirs = RunningStats(shape=(5,)), RunningMeanStd(shape=(5,))
     for rows in (1, 1, 3, 1, 8, 1, 1):  # one env, and batches of several, interleaved
         batch = (rng.normal(size=(rows, 5)) * 10 + 3).astype(dtype)
-        update_running_stats(ours, batch)
+        ours.update(batch)
         theirs.update(batch)
         assert ours.count == theirs.count
         np.testing.assert_array_equal(ours.mean, theirs.mean)
         np.testing.assert_array_equal(ours.var, theirs.var)
+
+
+def test_reward_scaler_with_running_stats_matches_gymnasiums():
+    import gymnasium as gym
+    args, env_kwargs = resolved_args(ppo_continuous.Args(env_id="Pendulum-v1", reset_steps=50))
+    ours, normalizer, _ = make_training_envs(args, env_kwargs, check_env("Pendulum-v1", env_kwargs))
+    assert isinstance(normalizer.return_rms, RunningStats)
+    theirs = gym.wrappers.vector.NormalizeReward(make_vector_env("Pendulum-v1", {}, 1, 50, native_vector=False),
+                                                 gamma=args.gamma)
+    ours.reset(seed=3), theirs.reset(seed=3)
+    for action in np.random.default_rng(0).uniform(-2, 2, size=(120, 1, 1)).astype(np.float32):  # 2 episode ends
+        np.testing.assert_array_equal(ours.step(action)[1], np.clip(theirs.step(action)[1], -args.clip_reward,
+                                                                      args.clip_reward))
+    assert normalizer.return_rms.count == theirs.return_rms.count
 
 
 def test_numpy_policy_matches_get_action_and_value():
