@@ -33,13 +33,16 @@ import subprocess
 import sys
 import time
 from statistics import median
-from concurrent.futures import ThreadPoolExecutor
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+import torch  # noqa: E402
 from filelock import FileLock  # noqa: E402
+from threadpoolctl import threadpool_limits  # noqa: E402
 
 from queueing import exact  # noqa: E402
 from queueing.baselines import best_static_priority, make_policy, priority_policy, server_orders  # noqa: E402
@@ -257,8 +260,6 @@ def warm_start(command, instance, seed, run_root, store):
     """A checkpoint to resume from whose policy starts as the best static priority: one rollout of training, then
     the bias of the actor's last layer set to that priority's scores (the layer's weights are small, so the mean
     action is about the bias everywhere) and the action log-std to WARM_START_LOG_STD. Returns its path."""
-    import torch
-
     folder = run_root / "warm-start"
     folder.mkdir()
     network = Network.from_instance(instance)
@@ -329,8 +330,6 @@ def settings_mismatch(saved_args, options):
 
 
 def ppo_run(instance, seed, workdir, extra, store, log):
-    import torch
-
     from queueing.longrun import checkpoint_policy
 
     best, wall = train(instance, seed, workdir, extra, store)
@@ -480,6 +479,21 @@ def draw(store):
     figure.savefig(RESULTS / "literature.png", dpi=100)
 
 
+def log(text):
+    print(text, flush=True)
+
+
+def one_thread():
+    """One core per training or scoring (--parallel): torch's and numpy's own threads would oversubscribe them."""
+    torch.set_num_threads(1)
+    threadpool_limits(1)
+
+
+def worker_pool(workers):
+    """Processes, not threads: scoring a policy event by event is mostly Python, which threads would share."""
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=one_thread)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--instance", nargs="+", default=None, help="only these instances (default: all twelve)")
@@ -496,16 +510,14 @@ def main():
     parser.add_argument("--workdir", default=str(REPO / "runs" / "literature"), help="where run folders go")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="further trainer options (must come last)")
     options = parser.parse_args()
+    one_thread()
     instances = options.instance or CRISS_CROSS + REENTRANT
     unknown = sorted(set(instances) - set(CRISS_CROSS + REENTRANT))
     if unknown:
         parser.error(f"unknown instance {unknown[0]}; instances: {', '.join(CRISS_CROSS + REENTRANT)}")
 
-    def log(text):
-        print(text, flush=True)
-
     if options.seeds:
-        with ThreadPoolExecutor(options.parallel) as pool:
+        with worker_pool(options.parallel) as pool:
             jobs = [(instance, seed, pool.submit(ppo_run, instance, seed, options.workdir, options.extra, load_store(), log))
                     for instance in instances for seed in options.seeds]
             for instance, seed, job in jobs:
@@ -526,7 +538,7 @@ def main():
             if "classical" in options.parts and instance not in store.get("classical", {}):
                 store = record("classical", instance, classical_rules(instance, store, log))
         if "ppo" in options.parts:
-            with ThreadPoolExecutor(options.parallel) as pool:
+            with worker_pool(options.parallel) as pool:
                 jobs = [(instance, seed, pool.submit(ppo_run, instance, seed, options.workdir, options.extra, store, log))
                         for instance, seed in missing_runs(instances, store, options.workdir, options.no_training)]
                 for instance, seed, job in jobs:
