@@ -34,14 +34,14 @@ import sys
 import time
 from statistics import median
 import multiprocessing
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
-from filelock import FileLock  # noqa: E402
+from filelock import FileLock, Timeout  # noqa: E402
 from threadpoolctl import threadpool_limits  # noqa: E402
 
 from queueing import exact  # noqa: E402
@@ -283,16 +283,34 @@ def train(instance, seed, workdir, extra, store):
     """One PPO run through the CLI (unless it already ran to its end there); returns its best.pt and wall seconds.
     On the re-entrant lines it starts from the best static priority (`warm_start`)."""
     run_root = Path(workdir) / instance / f"seed{seed}"
+    run_root.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with FileLock(str(run_root) + ".lock", timeout=0):
+            return train_locked(instance, seed, run_root, extra, store)
+    except Timeout:
+        raise RuntimeError(f"{run_root} is being trained by another process: wait for it, or use another --workdir")
+
+
+def trainer_options(instance, seed, extra):
+    """The trainer's command-line options for one run of the table (or of --seeds, with --extra)."""
+    kwargs = json.dumps({"instance": instance, "allocation": "priority"})
+    return ["--env-id", "queueing:QueueNetwork-v0", "--env-kwargs", kwargs, "--seed", str(seed), "--compile",
+            "--num-threads", "1", *recommended(instance), *extra]
+
+
+def train_locked(instance, seed, run_root, extra, store):
+    options = trainer_options(instance, seed, extra)
     finished = finished_run(run_root)
     if finished is not None:
+        differ = settings_mismatch(torch.load(finished[0], map_location="cpu", weights_only=True)["args"], options)
+        if differ:
+            raise RuntimeError(f"{finished[0]} was trained with other settings than {' '.join(options)} "
+                               f"({', '.join(differ)}): delete {run_root} to train it again")
         return finished
     if run_root.exists():  # an interrupted training: start it again from scratch
         shutil.rmtree(run_root)
     run_root.mkdir(parents=True)
-    kwargs = json.dumps({"instance": instance, "allocation": "priority"})
-    command = [sys.executable, str(REPO / "ppo_continuous.py"), "--env-id", "queueing:QueueNetwork-v0",
-               "--env-kwargs", kwargs, "--seed", str(seed), "--compile", "--num-threads", "1",
-               *recommended(instance), *extra]
+    command = [sys.executable, str(REPO / "ppo_continuous.py"), *options]
     start = time.monotonic()
     if instance in WARM_STARTED:
         command += ["--resume", str(warm_start(command, instance, seed, run_root, store))]
@@ -315,18 +333,24 @@ def evaluated_curve(run_dir):
     return [[event.step, -event.value] for event in accumulator.Scalars("eval/LTA_return")]
 
 
-# Options that name a run rather than how it trains.
-RUN_IDENTITY = {"exp_name", "seed", "env_id", "env_kwargs", "resume", "compile", "num_threads", "checkpoint_dir"}
+# Options that say how a run was launched, not what it trained (the instance and the seed do count).
+LAUNCH_ONLY = {"exp_name", "resume", "compile", "num_threads", "checkpoint_dir"}
 
 
 def settings_mismatch(saved_args, options):
     """The trainer options on which a checkpoint's `saved_args` disagree with the command-line `options` (a reused
-    run must have been trained as the table says: the recommendation and --extra)."""
-    from ppo_continuous import cli_args
+    run must have been trained as the table says: its instance and seed, the recommendation and --extra). An option
+    the checkpoint does not know is newer than it: the run trained with that option's default."""
+    from ppo_continuous import Args, cli_args
 
-    wanted = dataclasses.asdict(cli_args(list(options)))
-    return sorted(name for name, value in wanted.items() if name not in RUN_IDENTITY and name in saved_args
-                  and (list(value) if isinstance(value, tuple) else value) != saved_args[name])
+    def comparable(name, value):
+        if name == "env_kwargs" and isinstance(value, str):
+            return json.loads(value)
+        return list(value) if isinstance(value, tuple) else value
+
+    wanted, default = dataclasses.asdict(cli_args(list(options))), dataclasses.asdict(Args())
+    return sorted(name for name, value in wanted.items() if name not in LAUNCH_ONLY
+                  and comparable(name, value) != comparable(name, saved_args.get(name, default[name])))
 
 
 def ppo_run(instance, seed, workdir, extra, store, log):
@@ -336,10 +360,6 @@ def ppo_run(instance, seed, workdir, extra, store, log):
     policy, network = checkpoint_policy(str(best))
     row = score_policy(instance, policy, network, start_level(store, instance))
     saved = torch.load(best, map_location="cpu", weights_only=True)
-    differ = settings_mismatch(saved["args"], recommended(instance) + list(extra))
-    if differ:
-        raise RuntimeError(f"{best} was trained with other settings than {' '.join(recommended(instance) + extra)} "
-                           f"({', '.join(differ)}): delete {Path(workdir) / instance / f'seed{seed}'} to train it again")
     warm = " (warm start: best static priority)" if instance in WARM_STARTED else ""
     row.update(checkpoint=str(best), best_step=int(saved["global_step"]), wall_seconds=round(wall),
                settings=" ".join(recommended(instance) + extra) + warm, curve=evaluated_curve(best.parent))
@@ -489,6 +509,14 @@ def one_thread():
     threadpool_limits(1)
 
 
+def finished_jobs(jobs):
+    """(key, result or exception) of each job of {future: key} as it ends: one failure neither hides nor holds up
+    the others' results."""
+    for future in as_completed(jobs):
+        error = future.exception()
+        yield jobs[future], error if error is not None else future.result()
+
+
 def worker_pool(workers):
     """Processes, not threads: scoring a policy event by event is mostly Python, which threads would share."""
     return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=one_thread)
@@ -511,6 +539,7 @@ def main():
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="further trainer options (must come last)")
     options = parser.parse_args()
     one_thread()
+    failed = []
     instances = options.instance or CRISS_CROSS + REENTRANT
     unknown = sorted(set(instances) - set(CRISS_CROSS + REENTRANT))
     if unknown:
@@ -518,11 +547,15 @@ def main():
 
     if options.seeds:
         with worker_pool(options.parallel) as pool:
-            jobs = [(instance, seed, pool.submit(ppo_run, instance, seed, options.workdir, options.extra, load_store(), log))
-                    for instance in instances for seed in options.seeds]
-            for instance, seed, job in jobs:
-                row = job.result()
-                log(f"{instance} seed {seed}: {row['checkpoint']}  {cost_text(row)}")
+            jobs = {pool.submit(ppo_run, instance, seed, options.workdir, options.extra, load_store(), log): (instance, seed)
+                    for instance in instances for seed in options.seeds}
+            for (instance, seed), result in finished_jobs(jobs):
+                if isinstance(result, Exception):
+                    failed.append(f"{instance} seed {seed}: {result}")
+                else:
+                    log(f"{instance} seed {seed}: {result['checkpoint']}  {cost_text(result)}")
+        if failed:
+            sys.exit("failed: " + "; ".join(failed))
         return
     store = load_store()
     if not options.report:
@@ -539,12 +572,17 @@ def main():
                 store = record("classical", instance, classical_rules(instance, store, log))
         if "ppo" in options.parts:
             with worker_pool(options.parallel) as pool:
-                jobs = [(instance, seed, pool.submit(ppo_run, instance, seed, options.workdir, options.extra, store, log))
-                        for instance, seed in missing_runs(instances, store, options.workdir, options.no_training)]
-                for instance, seed, job in jobs:
-                    store = record("ppo", instance, job.result(), seed)
+                jobs = {pool.submit(ppo_run, instance, seed, options.workdir, options.extra, store, log): (instance, seed)
+                        for instance, seed in missing_runs(instances, store, options.workdir, options.no_training)}
+                for (instance, seed), result in finished_jobs(jobs):
+                    if isinstance(result, Exception):
+                        failed.append(f"{instance} seed {seed}: {result}")
+                    else:
+                        record("ppo", instance, result, seed)
     write_report(load_store())
     log(f"wrote {RESULTS / 'literature.md'} and {RESULTS / 'literature.png'}")
+    if failed:
+        sys.exit("failed (the other runs are stored): " + "; ".join(failed))
 
 
 if __name__ == "__main__":

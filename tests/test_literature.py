@@ -233,15 +233,49 @@ def test_warm_start_acts_as_the_static_priority_it_starts_from(tmp_path):
 def test_a_reused_run_must_have_been_trained_with_the_recommended_settings():
     import dataclasses
 
-    from benchmarks.literature import recommended, settings_mismatch
+    from benchmarks.literature import settings_mismatch, trainer_options
     from ppo_continuous import cli_args
 
-    options = recommended("criss-cross-bh")
+    options = trainer_options("criss-cross-bh", 7, [])
     saved = {name: list(value) if isinstance(value, tuple) else value
-             for name, value in dataclasses.asdict(cli_args([*options, "--seed", "7"])).items()}
+             for name, value in dataclasses.asdict(cli_args(options)).items()}
     assert settings_mismatch(saved, options) == []
     assert settings_mismatch({**saved, "expected_td": False, "num_envs": 64}, options) == ["expected_td", "num_envs"]
     assert settings_mismatch(saved, options + ["--gae-lambda", "0.99"]) == ["gae_lambda"]
+    assert settings_mismatch(saved, trainer_options("criss-cross-bh", 8, [])) == ["seed"]
+    assert settings_mismatch(saved, trainer_options("criss-cross-ih", 7, [])) == ["env_kwargs"]
+    # a checkpoint older than an option trained with its default (off), not with the recommended value
+    assert settings_mismatch({name: value for name, value in saved.items() if name != "expected_td"}, options) == [
+        "expected_td"]
+    assert settings_mismatch({**saved, "env_kwargs": saved["env_kwargs"].replace(", ", ",")}, options) == []
+
+
+def test_a_run_being_trained_is_neither_deleted_nor_trained_twice(tmp_path):
+    from filelock import FileLock
+
+    from benchmarks.literature import train
+
+    live = tmp_path / "reentrant-2" / "seed1"
+    (live / "runs").mkdir(parents=True)
+    with FileLock(str(live) + ".lock"), pytest.raises(RuntimeError, match="being trained by another process"):
+        train("reentrant-2", 1, tmp_path, [], {})
+    assert (live / "runs").is_dir()
+
+
+def test_one_failed_run_neither_hides_nor_holds_up_the_others():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from benchmarks.literature import finished_jobs
+
+    def run(seed):
+        if seed == 1:
+            raise RuntimeError("training reentrant-2 seed 1 failed")
+        return {"cost": float(seed)}
+
+    with ThreadPoolExecutor(2) as pool:
+        results = dict(finished_jobs({pool.submit(run, seed): seed for seed in (1, 2, 3)}))
+    assert results[2] == {"cost": 2.0} and results[3] == {"cost": 3.0}
+    assert isinstance(results[1], RuntimeError)
 
 
 def test_the_starvation_rule_departs_from_the_stored_static_priority_only_where_station_2_starves():
