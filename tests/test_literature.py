@@ -213,7 +213,8 @@ def test_heavy_traffic_trains_on_long_episodes():
     assert num_envs == {"criss-cross-il": 64, "criss-cross-ih": 32, "criss-cross-bh": 32, "reentrant-2": 64}
     assert "--ent-coef" not in recommended("criss-cross-il")
     assert recommended("criss-cross-ih")[-3:] == ["--ent-coef", "0.01", "--expected-td"]
-    assert "--expected-td" not in recommended("criss-cross-bm") + recommended("reentrant-2")
+    assert "--expected-td" not in recommended("criss-cross-bm")
+    assert recommended("reentrant-2")[-3:] == recommended("reentrant-7")[-3:] == ["--ent-coef", "0.01", "--expected-td"]
 
 
 def test_warm_start_acts_as_the_static_priority_it_starts_from(tmp_path):
