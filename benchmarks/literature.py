@@ -312,8 +312,8 @@ def train_locked(instance, seed, run_root, extra, store):
     if finished is not None:
         differ = settings_mismatch(torch.load(finished[0], map_location="cpu", weights_only=True)["args"], options)
         if differ:
-            raise RuntimeError(f"{finished[0]} was trained with other settings than {' '.join(options)} "
-                               f"({', '.join(differ)}): delete {run_root} to train it again")
+            raise RuntimeError(f"{run_root} holds a run trained with another {', '.join(differ)} than asked: "
+                               "delete it to train again, or give another --workdir")
         return finished
     if run_root.exists():  # an interrupted training: start it again from scratch
         shutil.rmtree(run_root)
@@ -399,8 +399,9 @@ def write_report(store):
         f"< {EXACT_TOLERANCE:.2%}; a policy's exact cost is on the same truncated chains as the optimum (gap >= 0). "
         "Long-run = 1,000 independent replications started empty, simulated event by event (queueing.eventsim), "
         "first half of each discarded, horizon doubled until the "
-        f"95% CI is within {LONG_RUN_PRECISION:.0%} (± is that half-width). PPO = the median over seeds of its best.pt. The 'best static "
-        "priority' the median is set against is the cheapest of the static priorities in the row (the search's order, LBFS, FBFS, c-mu), a point estimate of ± about 1%.",
+        f"95% CI is within {LONG_RUN_PRECISION:.0%} (± is that half-width). PPO = the median over seeds of its "
+        "best.pt. The 'best static priority' the median is set against is the cheapest of the static priorities in "
+        "the row (the search's order, LBFS, FBFS, c-mu), a point estimate of ± about 1%.",
         "",
         *tables,
     ]
@@ -455,7 +456,9 @@ def result_tables(store):
         "",
         "## Extended re-entrant lines",
         "",
-        "| classes | D&G PPO | D&G best RFP | D&G LBFS | QGym PPO | ours: PPO best.pt, median (seeds) | median below D&G PPO - half-width? | median against the best static priority | ours: best static priority (search) | LBFS | FBFS | c-mu | MaxWeight |",
+        "| classes | D&G PPO | D&G best RFP | D&G LBFS | QGym PPO | ours: PPO best.pt, median (seeds) "
+        "| median below D&G PPO - half-width? | median against the best static priority "
+        "| ours: best static priority (search) | LBFS | FBFS | c-mu | MaxWeight |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for instance in REENTRANT:
