@@ -315,6 +315,9 @@ def train_locked(instance, seed, run_root, extra, store):
             raise RuntimeError(f"{run_root} holds a run trained with another {', '.join(differ)} than asked: "
                                "delete it to train again, or give another --workdir")
         return finished
+    if instance in WARM_STARTED and "best_static" not in store.get("classical", {}).get(instance, {}):
+        raise RuntimeError(f"no best static priority of {instance} stored to start from: run `python "
+                           f"benchmarks/literature.py --parts classical --instance {instance}` first")
     if run_root.exists():  # an interrupted training: start it again from scratch
         shutil.rmtree(run_root)
     run_root.mkdir(parents=True)

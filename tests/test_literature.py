@@ -272,6 +272,9 @@ def test_a_run_being_trained_is_neither_deleted_nor_trained_twice(tmp_path):
     with FileLock(str(live) + ".lock"), pytest.raises(RuntimeError, match="being trained by another process"):
         train("reentrant-2", 1, tmp_path, [], {})
     assert (live / "runs").is_dir()
+    with pytest.raises(RuntimeError, match="--parts classical --instance reentrant-3` first"):
+        train("reentrant-3", 1, tmp_path, [], {})  # nothing to warm-start from: refused before anything is made
+    assert not (tmp_path / "reentrant-3" / "seed1").exists()
 
 
 def test_one_failed_run_neither_hides_nor_holds_up_the_others():
