@@ -26,6 +26,7 @@ a second call only computes what is missing; the report is benchmarks/results/li
 import argparse
 import dataclasses
 import json
+import multiprocessing
 import os
 import re
 import shutil
@@ -33,7 +34,6 @@ import subprocess
 import sys
 import time
 from statistics import median
-import multiprocessing
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
@@ -561,7 +561,7 @@ def main():
                         default=["optima", "greedy", "classical", "ppo"],
                         help="what to compute where missing (default: all); greedy: the optimal policy of a "
                              "truncation simulated on the untruncated heavy-traffic criss-cross networks")
-    parser.add_argument("--parallel", type=int, default=2, help="trainings at once (one core each)")
+    parser.add_argument("--parallel", type=int, default=2, help="runs trained or scored at once (a process and a core each)")
     parser.add_argument("--no-training", action="store_true",
                         help="score the PPO runs that already ran to their end, start none")
     parser.add_argument("--workdir", default=str(REPO / "runs" / "literature"), help="where run folders go")
