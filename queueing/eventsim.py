@@ -2,6 +2,7 @@
 
     python -m queueing.eventsim --instance reentrant-2 --policy lbfs
     python -m queueing.eventsim --checkpoint runs/<run>/best.pt
+    python -m queueing.eventsim --instance reentrant-7 --policy cmu --from-empty 10000 50000 100000 400000
 
 The env (`queueing.env`) steps the uniformized chain: a slot holds at most one event, and on the re-entrant lines
 four slots in five hold none (a service draw at an idle buffer, or at a buffer its server did not pick). Here each
@@ -186,6 +187,36 @@ def event_long_run(network: Network | str | dict, policy: Policy | None = None, 
                              max_horizon, start)
 
 
+def cost_from_empty(network: Network | str | dict, index: tuple[np.ndarray, np.ndarray], edges: list[int],
+                    seed: int = 0, copies: int = 256) -> list[tuple[int, int, float, float]]:
+    """How long a network takes to forget its empty start under an index rule: `copies` independent copies start
+    empty, and each window [a, b) of consecutive `edges` (slots of the uniformized chain, the first window starting
+    at 0) gets the copies' mean cost per unit time over it, with the 95% CI half-width (Student's t over copies).
+    Returns [(a, b, mean, half_width)]."""
+    from scipy import stats
+
+    network = Network.from_instance(network)
+    check_network(network)
+    if copies < 2 or not edges or list(edges) != sorted(set(edges)) or edges[0] <= 0:
+        raise ValueError("give at least 2 copies and increasing positive window edges")
+    _seed(seed)
+    queues = np.zeros((copies, network.num_buffers), dtype=np.int64)
+    clock, integral, before = np.zeros(copies), np.zeros(copies), np.zeros(copies)
+    routing = network.routing_high if network.routing_high is not None else np.zeros((network.num_buffers,) * 2)
+    to_time, start, windows = 1.0 / network.uniformization_rate, 0, []
+    for end in edges:
+        at_end = _run_index(queues, clock, integral, end * to_time, np.asarray(index[0], dtype=np.float64),
+                            np.asarray(index[1], dtype=np.float64), network.server_of_buffer.astype(np.int64),
+                            len(network.server_membership), network.service_rates.astype(np.float64),
+                            network.arrival_rates.astype(np.float64), network.holding_costs.astype(np.float64),
+                            routing.astype(np.float64), network.routing_high is not None)
+        costs = (at_end - before) / ((end - start) * to_time)
+        half_width = stats.t.ppf(0.975, copies - 1) * costs.std(ddof=1) / math.sqrt(copies)
+        windows.append((start, end, float(costs.mean()), float(half_width)))
+        before, start = at_end, end
+    return windows
+
+
 def index_rule(name: str, network: Network) -> tuple[np.ndarray, np.ndarray] | None:
     """(slope, offset) of a classical rule that is an index rule, as `queueing.baselines` defines it (ties share the
     server), or None: c-mu (offset c_k mu_k), MaxWeight (slope c_k mu_k), LBFS and FBFS (offset from the index)."""
@@ -208,6 +239,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--copies", type=int, default=DEFAULT_COPIES, help="independent replications")
     parser.add_argument("--precision", type=float, default=DEFAULT_PRECISION,
                         help="target 95%% CI half-width, relative to the value")
+    parser.add_argument("--from-empty", type=int, nargs="+", metavar="SLOTS",
+                        help="instead: mean cost per window between these slot counts from an empty start (index rules)")
     args = parser.parse_args(argv)
     if bool(args.policy) == bool(args.checkpoint):
         parser.error("give exactly one of --policy (with --instance) or --checkpoint")
@@ -222,6 +255,13 @@ def main(argv: list[str] | None = None) -> None:
             index = index_rule(args.policy, network)
             policy = None if index is not None else make_policy(args.policy, network, np.random.default_rng(args.seed))
             what = f"policy {args.policy}"
+        if args.from_empty:
+            if index is None:
+                raise ValueError("--from-empty takes an index rule: --policy cmu, maxweight, lbfs or fbfs")
+            for start, end, mean, half_width in cost_from_empty(network, index, args.from_empty, args.seed,
+                                                                  args.copies):
+                print(f"slots {start:>9,}-{end:>9,}: cost {mean:.3f} +- {half_width:.3f}")
+            return
         result = event_long_run(network, policy, None, args.seed, args.copies, args.precision, index=index)
     except ValueError as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")

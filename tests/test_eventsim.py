@@ -86,3 +86,27 @@ def test_cli_prints_the_cost_and_refuses_bad_input_in_one_line():
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1 and "Traceback" not in result.stderr
     assert lines[0].startswith("python -m queueing.eventsim: error: single-server-2class is a discrete-time network")
+    result = subprocess.run([*run, "--instance", "reentrant-2", "--policy", "cmu", "--copies", "8", "--from-empty",
+                             "100", "1000"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.splitlines()[1].startswith("slots       100-    1,000: cost ")
+    result = subprocess.run([*run, "--instance", "reentrant-2", "--policy", "longest", "--from-empty", "100"],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.strip() == ("python -m queueing.eventsim: error: --from-empty "
+                                                               "takes an index rule: --policy cmu, maxweight, lbfs or fbfs")
+
+
+def test_cost_from_empty_reads_low_at_first_and_settles_at_the_exact_value():
+    from queueing.eventsim import cost_from_empty
+
+    network = Network.from_instance(ROUTED)
+    order = [0, 2, 1]
+    value = exact_cost(network, priority_policy(network, order))
+    rank = np.empty(3)
+    rank[order] = np.arange(3)
+    windows = cost_from_empty(network, (np.zeros(3), -rank), [20, 20_000, 200_000], seed=2, copies=200)
+    assert [window[:2] for window in windows] == [(0, 20), (20, 20_000), (20_000, 200_000)]
+    first, _, settled = windows
+    assert first[2] + first[3] < value  # an empty network costs less than its stationary average
+    assert abs(settled[2] - value) <= 1.5 * settled[3], (settled, value)
+    with pytest.raises(ValueError, match="increasing positive window edges"):
+        cost_from_empty(network, (np.zeros(3), -rank), [100, 50])
