@@ -206,7 +206,19 @@ def test_heavy_traffic_trains_on_long_episodes():
         return int(options[options.index("--reset-steps") + 1])
 
     assert [reset_steps(f"criss-cross-{regime}") for regime in ("il", "bl", "im", "bm")] == [5000] * 4
-    assert reset_steps("criss-cross-ih") == reset_steps("criss-cross-bh") == reset_steps("reentrant-7") == 100_000
+    assert reset_steps("criss-cross-ih") == reset_steps("criss-cross-bh") == reset_steps("reentrant-4") == 100_000
+
+    def option(instance, name):
+        options = recommended(instance)
+        return int(options[options.index(name) + 1])
+
+    for classes, instance in zip((15, 18, 21), ("reentrant-5", "reentrant-6", "reentrant-7")):
+        # no episode ends within the run, and the evaluation discards the transient (up to 100,000 slots on 21)
+        steps_per_env = option(instance, "--total-timesteps") // option(instance, "--num-envs")
+        assert reset_steps(instance) > steps_per_env, classes
+        assert option(instance, "--eval-warmup") >= 100_000, classes
+        assert recommended(instance).count("--reset-steps") == recommended(instance).count("--eval-warmup") == 1
+    assert option("reentrant-4", "--eval-warmup") == 20_000
     assert recommended("criss-cross-bh").count("--reset-steps") == recommended("criss-cross-bh").count("--num-envs") == 1
     num_envs = {instance: int(recommended(instance)[recommended(instance).index("--num-envs") + 1])
                 for instance in ("criss-cross-il", "criss-cross-ih", "criss-cross-bh", "reentrant-2")}
