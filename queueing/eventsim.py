@@ -134,6 +134,16 @@ def _step_given_service(queues, clock, integral, at_end, active, end, service, a
                 at_end[copy], active[copy] = value, False
 
 
+def chain_arrays(network: Network) -> dict:
+    """The compiled kernels' view of the chain: arrival rates, holding costs and routing."""
+    num_buffers = network.num_buffers
+    return dict(arrival_rates=network.arrival_rates.astype(np.float64),
+                holding_costs=network.holding_costs.astype(np.float64),
+                routing_high=(network.routing_high if network.routing_high is not None
+                              else np.zeros((num_buffers, num_buffers))).astype(np.float64),
+                has_routing=network.routing_high is not None)
+
+
 def event_long_run(network: Network | str | dict, policy: Policy | None = None, order: list[int] | None = None,
                    seed: int = 0, copies: int = DEFAULT_COPIES, precision: float = DEFAULT_PRECISION,
                    first_horizon: int = DEFAULT_FIRST_HORIZON, max_horizon: int = DEFAULT_MAX_HORIZON,
@@ -156,11 +166,7 @@ def event_long_run(network: Network | str | dict, policy: Policy | None = None, 
         rank = np.empty(num_buffers)
         rank[order] = np.arange(num_buffers)
         index = (np.zeros(num_buffers), -rank)
-    arrays = dict(arrival_rates=network.arrival_rates.astype(np.float64),
-                  holding_costs=network.holding_costs.astype(np.float64),
-                  routing_high=(network.routing_high if network.routing_high is not None
-                                else np.zeros((num_buffers, num_buffers))).astype(np.float64),
-                  has_routing=network.routing_high is not None)
+    arrays = chain_arrays(network)
     _seed(seed)
     queues = np.zeros((copies, num_buffers), dtype=np.int64)
     clock, integral = np.zeros(copies), np.zeros(copies)
@@ -202,14 +208,12 @@ def cost_from_empty(network: Network | str | dict, index: tuple[np.ndarray, np.n
     _seed(seed)
     queues = np.zeros((copies, network.num_buffers), dtype=np.int64)
     clock, integral, before = np.zeros(copies), np.zeros(copies), np.zeros(copies)
-    routing = network.routing_high if network.routing_high is not None else np.zeros((network.num_buffers,) * 2)
     to_time, start, windows = 1.0 / network.uniformization_rate, 0, []
     for end in edges:
         at_end = _run_index(queues, clock, integral, end * to_time, np.asarray(index[0], dtype=np.float64),
                             np.asarray(index[1], dtype=np.float64), network.server_of_buffer.astype(np.int64),
                             len(network.server_membership), network.service_rates.astype(np.float64),
-                            network.arrival_rates.astype(np.float64), network.holding_costs.astype(np.float64),
-                            routing.astype(np.float64), network.routing_high is not None)
+                            **chain_arrays(network))
         costs = (at_end - before) / ((end - start) * to_time)
         half_width = stats.t.ppf(0.975, copies - 1) * costs.std(ddof=1) / math.sqrt(copies)
         windows.append((start, end, float(costs.mean()), float(half_width)))
