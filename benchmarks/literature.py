@@ -95,7 +95,8 @@ RECOMMENDED = {
 # long-run cost went from 22.968 to 21.791 on 9 classes (cheapest static priority 22.995), 32.007 to 31.267 on 12
 # (31.845), 40.342 to 39.868 on 15 (40.000) and 50.442 to 47.746 on 18 (49.981); 6 classes stayed (14.031, 14.009:
 # one seed of three learned a state-dependent rule) and 21 got worse (56.652, 58.199: seed 2's training left the
-# static priority for worse policies within 4M steps). Details: literature_findings.md.
+# static priority for worse policies within 4M steps). With LARGE_LINE_OPTIONS below, 15 classes 39.325, 18 48.877
+# and 21 56.314 (the static priority's equal). Details: literature_findings.md.
 # Training episodes must be long against the time a network takes to forget its empty start, or PPO learns the
 # transient: at load 0.9 (criss-cross IH and BH, every station of the re-entrant lines) 5,000 slots are mostly
 # transient. Measured on criss-cross IH, seed 1, exact cost of final.pt: +5.08% over the optimum with
