@@ -201,17 +201,15 @@ def test_missing_runs_come_first_seed_of_every_instance_first(tmp_path):
 def test_heavy_traffic_trains_on_long_episodes():
     from benchmarks.literature import recommended
 
-    def reset_steps(instance):
-        options = recommended(instance)
-        return int(options[options.index("--reset-steps") + 1])
-
-    assert [reset_steps(f"criss-cross-{regime}") for regime in ("il", "bl", "im", "bm")] == [5000] * 4
-    assert reset_steps("criss-cross-ih") == reset_steps("criss-cross-bh") == reset_steps("reentrant-4") == 100_000
-
     def option(instance, name):
         options = recommended(instance)
         return int(options[options.index(name) + 1])
 
+    def reset_steps(instance):
+        return option(instance, "--reset-steps")
+
+    assert [reset_steps(f"criss-cross-{regime}") for regime in ("il", "bl", "im", "bm")] == [5000] * 4
+    assert reset_steps("criss-cross-ih") == reset_steps("criss-cross-bh") == reset_steps("reentrant-4") == 100_000
     for classes, instance in zip((15, 18, 21), ("reentrant-5", "reentrant-6", "reentrant-7")):
         # no episode ends within the run, and the evaluation discards the transient (up to 100,000 slots on 21)
         steps_per_env = option(instance, "--total-timesteps") // option(instance, "--num-envs")
@@ -220,7 +218,7 @@ def test_heavy_traffic_trains_on_long_episodes():
         assert recommended(instance).count("--reset-steps") == recommended(instance).count("--eval-warmup") == 1
     assert option("reentrant-4", "--eval-warmup") == 20_000
     assert recommended("criss-cross-bh").count("--reset-steps") == recommended("criss-cross-bh").count("--num-envs") == 1
-    num_envs = {instance: int(recommended(instance)[recommended(instance).index("--num-envs") + 1])
+    num_envs = {instance: option(instance, "--num-envs")
                 for instance in ("criss-cross-il", "criss-cross-ih", "criss-cross-bh", "reentrant-2")}
     assert num_envs == {"criss-cross-il": 64, "criss-cross-ih": 32, "criss-cross-bh": 32, "reentrant-2": 64}
     assert "--ent-coef" not in recommended("criss-cross-il")
