@@ -118,7 +118,8 @@ HEAVY_TRAFFIC_FLAGS = ["--expected-td"]
 # 100,000-slot episodes half of the training data of 15-21 classes is transient, and the evaluation's 20,000 slots of
 # warm-up score the transient (21 classes: 25.5 in the first 10,000 slots, 56.4 stationary). So on 15-21 classes no
 # episode ends within the run and the evaluation discards 100,000 slots. Measured on 21 classes, seeds 1 and 2: median
-# long-run cost of best.pt 58.20 with the family's settings, 56.31 with these (literature_findings.md).
+# long-run cost of best.pt 58.20 with the family's settings, 56.31 with these (literature_findings.md). A smaller actor
+# step on top (--actor-lr 1e-4, seeds 1 and 2) moved the medians by -0.52 (15), +0.77 (18) and +0.02 (21): not taken.
 LARGE_LINES = {"reentrant-5", "reentrant-6", "reentrant-7"}
 LARGE_LINE_OPTIONS = {"--reset-steps": "2000000", "--eval-warmup": "100000"}
 
