@@ -142,7 +142,7 @@ def numpy_layers(net):
     modules = list(net)
     expected = [nn.Linear, nn.Tanh] * (len(modules) // 2) + [nn.Linear]
     if [type(module) for module in modules] != expected:
-        raise TypeError(f"numpy_mlp mirrors Linear/Tanh MLPs only, got {[type(m).__name__ for m in modules]}: "
+        raise TypeError(f"the numpy mirrors take Linear/Tanh MLPs only, got {[type(m).__name__ for m in modules]}: "
                         f"update it together with `mlp` (ppo_continuous.py)")
     return [(layer.weight.detach().cpu().numpy().T, layer.bias.detach().cpu().numpy()) for layer in modules[::2]]
 
