@@ -115,6 +115,9 @@ class Args:
     """the actor's learning rate (default: --learning-rate)"""
     critic_lr: Optional[float] = None
     """the critic's learning rate (default: --learning-rate)"""
+    actor_starts: int = 0
+    """steps before the actor's first update: until then only the critic and the observation statistics learn, so
+    the first policy gradients come from a critic that knows the starting policy on data past the env's transient"""
     shared_optimizer: bool = True
     """one Adam over all parameters, grad norm clipped globally; else one Adam per network, each clipped"""
     anneal_lr: bool = True
@@ -725,6 +728,8 @@ class Run:
         for optimizer, lrs in zip(self.optimizers, self.base_lrs):
             for group, lr in zip(optimizer.param_groups, lrs):
                 group["lr"] = lr * factor
+        if self.counters["global_step"] < args.actor_starts:
+            self.optimizers[0].param_groups[0]["lr"] = 0.0  # the actor's group, shared optimizer or not
         self.lr_factor, self.phase_start = factor, time.perf_counter()
         self.rollout_critic = numpy_mlp(self.agent.critic) if args.expected_td else None
 
@@ -791,7 +796,7 @@ class Run:
         sps = (step - self.start_step) / max(time.time() - self.start_time, 1e-9)
         self.stats = {
             "charts/learning_rate": self.optimizers[0].param_groups[0]["lr"],
-            "charts/actor_learning_rate": self.args.actor_lr * self.lr_factor,
+            "charts/actor_learning_rate": self.optimizers[0].param_groups[0]["lr"],
             "charts/critic_learning_rate": self.args.critic_lr * self.lr_factor,
             "charts/SPS": sps,
             "perf/rollout_seconds": self.timing["rollout_seconds"],
@@ -868,8 +873,8 @@ def resolved_args(args):
           "actor_lr", "critic_lr", "clip_coef", "clip_reward", "clip_obs", "top_k"], lambda v: v > 0, "positive"),
         (["reset_steps", "max_grad_norm", "target_kl", "early_stop_patience", "eval_episodes", "eval_horizon",
           "eval_every"], lambda v: v is None or v > 0, "positive (or None)"),
-        (["eval_warmup", "eval_nominated", "save_latest_every", "compile_min_steps"], lambda v: v is None or v >= 0,
-         "zero or positive"),
+        (["actor_starts", "eval_warmup", "eval_nominated", "save_latest_every", "compile_min_steps"],
+         lambda v: v is None or v >= 0, "zero or positive"),
         (["gamma", "gae_lambda"], lambda v: 0 <= v <= 1, "in [0, 1]"),
         (["rho_step_size", "lr_decay_rate"], lambda v: 0 < v <= 1, "in (0, 1]")]:
         for name in names:

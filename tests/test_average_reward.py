@@ -143,3 +143,28 @@ def test_a_bad_instance_file_is_a_one_line_error(indir, capsys):
     assert ppo_continuous.main(["--env-id", "queueing:QueueNetwork-v0", "--env-kwargs", '{"instance": "bad.json"}',
                                 "--num-envs", "2", "--num-steps", "128", "--num-minibatches", "4"]) == 2
     assert "service_rates" in one_line_error(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("shared_optimizer", [True, False])
+def test_actor_starts_holds_the_actor_while_the_critic_learns(indir, monkeypatch, shared_optimizer):
+    moved = []  # per minibatch step: (actor moved, critic moved)
+    original = ppo_continuous.minibatch_update
+
+    def minibatch_update(agent, optimizers, clip_groups, args, minibatch):
+        before = [[param.detach().clone() for param in net.parameters()] for net in (agent.actor_mean, agent.critic)]
+        before[0].append(agent.actor_logstd.detach().clone())
+        parts = original(agent, optimizers, clip_groups, args, minibatch)
+        after = [list(net.parameters()) for net in (agent.actor_mean, agent.critic)]
+        after[0].append(agent.actor_logstd)
+        moved.append(tuple(any(not torch.equal(a, b) for a, b in zip(old, new)) for old, new in zip(before, after)))
+        return parts
+
+    monkeypatch.setattr(ppo_continuous, "minibatch_update", minibatch_update)
+    summary = train(fast_args(total_timesteps=1024, actor_starts=512, ent_coef=0.01, shared_optimizer=shared_optimizer))
+    per_rollout = len(moved) // 4
+    assert per_rollout == 8 and len(moved) == 32
+    # Rollouts starting at steps 0 and 256 (< 512) hold the actor; those at 512 and 768 move it.
+    assert moved[:2 * per_rollout] == [(False, True)] * (2 * per_rollout)
+    assert moved[2 * per_rollout:] == [(True, True)] * (2 * per_rollout)
+    actor_lrs = values(scalars(summary["run_dir"]), "charts/actor_learning_rate")
+    assert actor_lrs[:2] == [0.0, 0.0] and min(actor_lrs[2:]) > 0
