@@ -224,7 +224,11 @@ def test_heavy_traffic_trains_on_long_episodes():
     assert "--ent-coef" not in recommended("criss-cross-il")
     assert recommended("criss-cross-ih")[-3:] == ["--ent-coef", "0.01", "--expected-td"]
     assert "--expected-td" not in recommended("criss-cross-bm")
-    assert recommended("reentrant-2")[-3:] == recommended("reentrant-7")[-3:] == ["--ent-coef", "0.01", "--expected-td"]
+    assert recommended("reentrant-7")[-3:] == ["--ent-coef", "0.01", "--expected-td"]
+    assert recommended("reentrant-2")[-5:] == ["--ent-coef", "0.01", "--expected-td", "--actor-starts", "2000000"]
+    # the actor waits until the 6-class line has settled from empty (about 20,000 slots per env)
+    assert option("reentrant-2", "--actor-starts") // option("reentrant-2", "--num-envs") > 20_000
+    assert all("--actor-starts" not in recommended(instance) for instance in ("reentrant-3", "reentrant-7"))
 
 
 def test_warm_start_acts_as_the_static_priority_it_starts_from(tmp_path):
